@@ -1,0 +1,40 @@
+# The workshop's entry points. `make lab` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export LABS_BUILD_DIR ?= $(CURDIR)/build
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
+export DS_ACCELERATOR ?= cpu
+JUPYTER_ENV := JUPYTER_CONFIG_DIR=$(CURDIR)/build/jupyter/config JUPYTER_DATA_DIR=$(CURDIR)/build/jupyter/data \
+	JUPYTER_RUNTIME_DIR=$(CURDIR)/build/jupyter/runtime IPYTHONDIR=$(CURDIR)/build/jupyter/ipython
+PYTEST_ARGS ?=
+
+.PHONY: setup lab test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -r requirements.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+lab: setup  ## JupyterLab on 127.0.0.1 with a token, opened at notebooks/
+	@mkdir -p build/jupyter
+	@token=$${JUPYTER_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))')}; \
+	echo "JupyterLab: http://127.0.0.1:$${JUPYTER_PORT:-8888}/lab?token=$$token"; \
+	$(JUPYTER_ENV) PATH=$(CURDIR)/$(BIN):$$PATH exec $(BIN)/jupyter lab --no-browser --ip=127.0.0.1 \
+		--port=$${JUPYTER_PORT:-8888} --ServerApp.root_dir=$(CURDIR)/notebooks \
+		--IdentityProvider.token=$$token $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+
+test: setup  ## the whole suite
+	$(JUPYTER_ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf build

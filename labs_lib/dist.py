@@ -1,0 +1,155 @@
+"""Process-group setup that works the same under torchrun, under Slurm, and as one plain process.
+
+    python -m labs_lib.dist                                   # one process: prints the all-reduce check
+    torchrun --nproc-per-node=2 -m labs_lib.dist              # 2 processes, gloo on CPU / NCCL on GPU
+    srun --nodes=2 --ntasks-per-node=2 python -m labs_lib.dist   # Slurm tasks mapped to ranks
+
+Under Slurm without torchrun, ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID`` become the rank, world size
+and local rank, and the head node's address comes from ``scontrol show node`` (simulated node names do not
+resolve; real clusters' NodeAddr is their routable address).
+"""
+
+from __future__ import annotations
+
+import builtins
+import datetime
+import os
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    backend: str | None = None  # None: a single process, no process group
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+_info = DistInfo()
+
+
+def info() -> DistInfo:
+    return _info
+
+
+def _slurm_head_address() -> str:
+    nodelist = os.environ["SLURM_JOB_NODELIST"]
+    head = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                          check=True).stdout.split()[0]
+    node = subprocess.run(["scontrol", "show", "node", head], capture_output=True, text=True, check=True).stdout
+    for token in node.split():
+        if token.startswith("NodeAddr="):
+            return token.split("=", 1)[1]
+    return head
+
+
+def _env_from_slurm() -> None:
+    """Fill torchrun's variables from Slurm's when the script was started by ``srun`` directly."""
+    os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+    os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+    tasks_per_node = os.environ.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or "1"
+    os.environ.setdefault("LOCAL_WORLD_SIZE", tasks_per_node)
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = _slurm_head_address()
+    # A port per job, so two jobs sharing a node do not collide.
+    os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 300) -> DistInfo:
+    """Join the process group described by the environment (torchrun, Slurm) or run as one process.
+
+    The backend is NCCL when CUDA is available, else gloo. Each process binds to GPU ``LOCAL_RANK``.
+    CPU threads are split between the processes on a node so that they do not oversubscribe the cores.
+    """
+    global _info
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        _env_from_slurm()
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+
+    if world_size > 1 and not dist.is_initialized():
+        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
+    elif world_size == 1:
+        backend = None
+    _info = DistInfo(rank, world_size, local_rank, local_world_size, backend, device)
+    return _info
+
+
+def cleanup() -> None:
+    """Leave the process group cleanly (a barrier first, so no rank exits while others still talk)."""
+    global _info
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _info = DistInfo()
+
+
+def print0(*args, **kwargs) -> None:
+    """``print`` on rank 0 only."""
+    if _info.is_main:
+        builtins.print(*args, **kwargs, flush=True)
+
+
+def print_all(*args, **kwargs) -> None:
+    """``print`` on every rank, prefixed with the rank."""
+    builtins.print(f"[rank {_info.rank}/{_info.world_size}]", *args, **kwargs, flush=True)
+
+
+def all_reduce_mean(value: float | torch.Tensor) -> float:
+    """Mean of a scalar over all ranks (a plain float back); the value itself on one process."""
+    t = torch.as_tensor(value, dtype=torch.float64, device=_info.device).detach().clone()
+    if _info.distributed:
+        dist.all_reduce(t)
+        t /= _info.world_size
+    return t.item()
+
+
+def main() -> None:
+    """All-reduce check: every rank contributes rank+1; all must see world*(world+1)/2."""
+    import socket
+
+    info = init_distributed()
+    t = torch.tensor([float(info.rank + 1)], device=info.device)
+    if info.distributed:
+        dist.all_reduce(t)
+    expected = info.world_size * (info.world_size + 1) / 2
+    print_all(f"host={socket.gethostname()} node={os.environ.get('SLURMD_NODENAME', '-')} "
+              f"backend={info.backend} device={info.device} all_reduce(sum of rank+1)={t.item():g} "
+              f"expected={expected:g}")
+    ok = t.item() == expected
+    if ok:
+        print0(f"all-reduce OK across {info.world_size} process(es)")
+    cleanup()
+    if not ok:
+        raise SystemExit("all-reduce gave the wrong sum")
+
+
+if __name__ == "__main__":
+    main()
