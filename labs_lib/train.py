@@ -1,0 +1,262 @@
+"""Train the workshop GPT: one process, several with torchrun, or many nodes through Slurm.
+
+    python -m labs_lib.train --profile ci --out build/runs/demo                  # one process
+    torchrun --standalone --nproc-per-node=2 -m labs_lib.train --profile ci --out build/runs/ddp
+    sbatch slurm/train_gpt.sbatch --max-steps 200                                # 2 nodes x 2 processes
+    python -m labs_lib.train --profile ci --out build/runs/demo --resume         # continue from "latest"
+
+Data parallelism is torch's DistributedDataParallel. Each optimizer step sees ``batch_size x grad_accum x world``
+sequences; the data loader hands every rank a disjoint slice of the same global batch, so 2 ranks with batch 4
+see exactly what 1 process with batch 8 sees (and log the same losses). Outputs in ``--out``:
+
+    metrics.jsonl   one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, ... (+ val_loss)
+    config.json     the resolved model / train settings and world size
+    tokenizer.json  the BPE tokenizer the run was trained with
+    checkpoints/    see labs_lib.checkpoint (atomic, the newest ``keep_checkpoints`` kept)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from labs_lib import checkpoint
+from labs_lib.config import GPTConfig, ParallelConfig, TrainConfig, get_profile, override, validate
+from labs_lib.data import TokenBatches, eval_batches, prepare_data
+from labs_lib.dist import DistInfo, all_reduce_mean, cleanup, init_distributed, print0
+from labs_lib.model import GPT
+
+# Fault injection for the resume tests: SIGKILL this process after the given step, or halfway through writing
+# the checkpoint of the given step. Real kills, so the tests prove what a crash or `scancel -s KILL` leaves.
+KILL_AFTER_STEP = "LABS_FAULT_KILL_AFTER_STEP"
+KILL_IN_CHECKPOINT = "LABS_FAULT_KILL_IN_CHECKPOINT"
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_lr`` at the end of the schedule."""
+    it, total = step - 1, cfg.schedule_steps()
+    if it < cfg.warmup_steps:
+        return cfg.lr * (it + 1) / cfg.warmup_steps
+    if it >= total:
+        return cfg.min_lr
+    progress = (it - cfg.warmup_steps) / max(total - cfg.warmup_steps, 1)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases, LayerNorm gains or embeddings' position table)."""
+    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()  # tied weights once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def read_metrics(out_dir: str | Path) -> list[dict]:
+    """The per-step records a run wrote to ``metrics.jsonl`` (empty if it has not started)."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop records past the checkpoint we resume from: those steps are about to be trained again."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
+def _autocast(dtype: str, device: torch.device):
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list, cfg: TrainConfig, device: torch.device) -> float:
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with _autocast(cfg.dtype, device):
+            losses.append(model(x.to(device), y.to(device))[1].float().item())
+    model.train()
+    return all_reduce_mean(sum(losses) / len(losses))
+
+
+def save(out: Path, step: int, model: GPT, optimizer, batches: TokenBatches, meta: dict, info: DistInfo,
+         cfg: TrainConfig) -> None:
+    tmp = checkpoint.begin(out / "checkpoints", step)
+    checkpoint.write_rank_state(tmp, info.rank)
+    if info.is_main:
+        if os.environ.get(KILL_IN_CHECKPOINT) == str(step):
+            checkpoint._save_tensors(model.state_dict(), tmp / "model.safetensors")
+            os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.write_main_state(tmp, model.state_dict(), optimizer.state_dict(),
+                                    dict(meta, step=step, data=batches.state_dict()))
+    if info.distributed:
+        dist.barrier()  # every rank's files are on disk before the folder is committed
+    if info.is_main:
+        checkpoint.commit(tmp, keep=cfg.keep_checkpoints)
+    if info.distributed:
+        dist.barrier()
+
+
+def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool = False,
+          progress: bool = True) -> list[dict]:
+    """Run (or resume) training in this process, as one rank of whatever launched it. Returns the metrics."""
+    info = init_distributed()
+    out = Path(out)
+    validate(model_cfg, cfg, ParallelConfig(), info.world_size, info.device.type)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(cfg.data, cfg.tokenizer_vocab, cfg.corpus_max_bytes, cfg.val_fraction,
+                        progress=progress and info.is_main)
+    meta = {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "world_size": info.world_size,
+            "data_dir": str(data.dir)}
+    if info.is_main:
+        shutil.copyfile(data.tokenizer_path, out / "tokenizer.json")
+        (out / "config.json").write_text(json.dumps(meta, indent=1))
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = GPT(model_cfg).to(info.device)
+    optimizer = make_optimizer(model, cfg)
+    batches = TokenBatches(data.train_path, cfg.batch_size, model_cfg.block_size, info.rank, info.world_size,
+                           seed=cfg.seed)
+    val = eval_batches(data.val_path, cfg.batch_size, model_cfg.block_size, cfg.eval_iters, info.rank,
+                       info.world_size)
+    torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout masks differ between ranks
+
+    start = 0
+    latest = checkpoint.latest_checkpoint(out / "checkpoints") if resume else None
+    if latest is not None:
+        saved = checkpoint.load_meta(latest)
+        model.load_state_dict(checkpoint.load_model_state(latest))
+        optimizer.load_state_dict(checkpoint.load_optimizer_state(latest))
+        batches.load_state_dict(saved["data"])
+        checkpoint.load_rank_state(latest, info.rank)
+        start = saved["step"]
+        print0(f"resumed from {latest} (step {start})")
+    metrics_path = out / "metrics.jsonl"
+    if info.is_main:
+        if resume:
+            _truncate_metrics(metrics_path, start)
+        elif metrics_path.exists():
+            metrics_path.unlink()
+
+    ddp = DistributedDataParallel(model) if info.distributed else model
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.dtype == "fp16")
+    tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum * info.world_size
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", mininterval=1.0,
+               disable=not (progress and info.is_main))
+    records, t_start = [], time.perf_counter()
+    for step in range(start + 1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            x, y = (t.to(info.device, non_blocking=True) for t in next(batches))
+            last = micro == cfg.grad_accum - 1
+            sync = contextlib.nullcontext() if last or not info.distributed else ddp.no_sync()
+            with sync:
+                with _autocast(cfg.dtype, info.device):
+                    loss = ddp(x, y)[1] / cfg.grad_accum
+                scaler.scale(loss).backward()
+            loss_sum += loss.item()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if info.device.type == "cuda":
+            torch.cuda.synchronize()
+        step_time = time.perf_counter() - t0
+
+        record = {"step": step, "loss": all_reduce_mean(loss_sum), "lr": lr, "grad_norm": grad_norm.item(),
+                  "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
+                  "tokens": step * tokens_per_step, "elapsed_s": time.perf_counter() - t_start}
+        if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
+            record["val_loss"] = evaluate(model, val, cfg, info.device)
+        if info.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        records.append(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.max_steps:
+            save(out, step, model, optimizer, batches, meta, info, cfg)
+        if os.environ.get(KILL_AFTER_STEP) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    if records:
+        last = records[-1]
+        print0(f"done: step {last['step']} loss {last['loss']:.4f} "
+               f"{sum(r['tokens_per_s'] for r in records) / len(records):.0f} tokens/s -> {out}")
+    cleanup()
+    return records
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m labs_lib.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", help="ci | cpu | gpu (default: $LABS_PROFILE, else gpu with CUDA, else cpu)")
+    p.add_argument("--out", required=True, help="run folder: metrics, checkpoints, tokenizer")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    model = p.add_argument_group("model (defaults from the profile)")
+    for name, kind in (("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int), ("dropout", float)):
+        model.add_argument("--" + name.replace("_", "-"), type=kind)
+    train = p.add_argument_group("training (defaults from the profile)")
+    for name, kind in (("max_steps", int), ("lr_decay_steps", int), ("batch_size", int), ("grad_accum", int),
+                       ("lr", float), ("min_lr", float), ("warmup_steps", int), ("weight_decay", float),
+                       ("grad_clip", float), ("eval_interval", int), ("eval_iters", int),
+                       ("checkpoint_interval", int), ("keep_checkpoints", int), ("seed", int), ("data", str),
+                       ("tokenizer_vocab", int), ("corpus_max_bytes", int)):
+        train.add_argument("--" + name.replace("_", "-"), type=kind)
+    train.add_argument("--dtype", choices=("fp32", "bf16", "fp16"))
+    return p
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig]:
+    profile = get_profile(args.profile)
+    values = vars(args)
+    model_cfg = override(profile.model, **{k: values[k] for k in ("n_layer", "n_head", "n_embd", "block_size",
+                                                                   "dropout")})
+    train_names = [f for f in TrainConfig.__dataclass_fields__ if f in values]
+    train_cfg = override(profile.train, **{k: values[k] for k in train_names})
+    if args.tokenizer_vocab is not None:  # the embedding table follows the tokenizer, padded to 64
+        model_cfg = override(model_cfg, vocab_size=-(-args.tokenizer_vocab // 64) * 64)
+    return model_cfg, train_cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        model_cfg, train_cfg = configs_from_args(args)
+        world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        validate(model_cfg, train_cfg, ParallelConfig(), world_size, device_type)
+    except ValueError as e:
+        raise SystemExit(f"invalid configuration: {e}") from None
+    train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    main()
