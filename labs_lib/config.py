@@ -81,6 +81,9 @@ class TrainConfig:
     tokenizer_vocab: int = 512  # BPE vocabulary trained on the corpus
     corpus_max_bytes: int | None = None  # cap the corpus (the ci profile trains on a slice)
     val_fraction: float = 0.05
+    ddp_bucket_mb: float = 25.0  # DDP gradient bucket size
+    ddp_overlap: bool = True  # all-reduce buckets during backward (False: one all-reduce after backward)
+    trace_steps: int = 0  # >0: torch.profiler trace of that many steps (after 1 skipped + 1 warm-up) into out/trace
 
     def schedule_steps(self) -> int:
         return self.lr_decay_steps or self.max_steps
@@ -186,7 +189,8 @@ def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: Paral
     if train is not None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_iters", "keep_checkpoints", "tokenizer_vocab"):
             need(getattr(train, name) >= 1, f"train.{name} must be >= 1, got {getattr(train, name)}")
-        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "grad_clip", "weight_decay"):
+        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "grad_clip", "weight_decay",
+                     "trace_steps"):
             need(getattr(train, name) >= 0, f"train.{name} must be >= 0, got {getattr(train, name)}")
         need(train.lr > 0, f"learning rate must be positive, got lr={train.lr}")
         need(0 <= train.min_lr <= train.lr, f"min_lr={train.min_lr} must lie between 0 and lr={train.lr}")
@@ -196,6 +200,10 @@ def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: Paral
         need(train.dtype in DTYPES, f"dtype {train.dtype!r} is not supported: choose one of {', '.join(DTYPES)}")
         need(train.dtype != "fp16" or device_type == "cuda",
              "fp16 needs a CUDA GPU (loss scaling of fp16 on CPU is not supported): use --dtype bf16 or fp32")
+        need(train.ddp_bucket_mb > 0, f"ddp_bucket_mb must be positive, got {train.ddp_bucket_mb}")
+        need(train.trace_steps == 0 or train.max_steps >= train.trace_steps + 2,
+             f"tracing {train.trace_steps} steps needs max_steps >= {train.trace_steps + 2} (1 skipped + 1 warm-up): "
+             "raise max_steps or lower trace_steps")
         need(0.0 < train.val_fraction < 0.5, f"val_fraction must lie in (0, 0.5), got {train.val_fraction}")
         need(train.tokenizer_vocab >= 257,
              f"tokenizer_vocab={train.tokenizer_vocab} is smaller than the 256 byte symbols + 1 special token: "

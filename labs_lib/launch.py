@@ -34,8 +34,11 @@ def train_args(out: str | Path, profile: str | None = None, resume: bool = False
     if resume:
         args.append("--resume")
     for name, value in settings.items():
-        if value is not None:
-            args += ["--" + name.replace("_", "-"), str(value)]
+        flag = name.replace("_", "-")
+        if value is False:  # switches that are on by default: ddp_overlap=False -> --no-ddp-overlap
+            args.append("--no-" + flag)
+        elif value is not None and value is not True:
+            args += ["--" + flag, str(value)]
     return args
 
 

@@ -36,3 +36,22 @@ def plot_memory_table(rows: list[dict], ax=None):
     ax.tick_params(axis="x", rotation=30)
     ax.legend(fontsize=8)
     return ax
+
+
+def plot_timeline(trace_paths: dict[int, str], step: int = 0, ax=None):
+    """Gantt chart of one profiled step per rank: compute and communication intervals (from Chrome traces)."""
+    from labs_lib.profiling import timeline
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 1 + 0.8 * len(trace_paths)))
+    for row, path in enumerate(path for _, path in sorted(trace_paths.items())):
+        tl = timeline(path)
+        _, start, end = tl["steps"][step]
+        for kind, color, offset in (("compute", "tab:blue", 0.0), ("comm", "tab:orange", 0.4)):
+            spans = [(max(s, start), min(e, end)) for s, e in tl[kind] if e > start and s < end]
+            ax.broken_barh([((s - start) / 1e3, (e - s) / 1e3) for s, e in spans], (row + offset, 0.35),
+                           color=color, label=kind if row == 0 else None)
+    ax.set_yticks([r + 0.4 for r in range(len(trace_paths))], [f"rank {r}" for r in sorted(trace_paths)])
+    ax.set(xlabel="time within the step (ms)", title="compute vs communication per rank")
+    ax.legend(loc="upper right")
+    return ax

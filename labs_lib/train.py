@@ -37,6 +37,7 @@ from labs_lib.config import GPTConfig, ParallelConfig, TrainConfig, get_profile,
 from labs_lib.data import TokenBatches, eval_batches, prepare_data
 from labs_lib.dist import DistInfo, all_reduce_mean, cleanup, init_distributed, print0
 from labs_lib.model import GPT
+from labs_lib.profiling import profile_steps
 
 # Fault injection for the resume tests: SIGKILL this process after the given step, or halfway through writing
 # the checkpoint of the given step. Real kills, so the tests prove what a crash or `scancel -s KILL` leaves.
@@ -80,6 +81,16 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
+
+
+def all_reduce_gradients(model: torch.nn.Module, world_size: int) -> None:
+    """Average all gradients in one flat all-reduce after backward (the no-overlap baseline of lab 02)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
 
 
 def _autocast(dtype: str, device: torch.device):
@@ -159,12 +170,17 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
         elif metrics_path.exists():
             metrics_path.unlink()
 
-    ddp = DistributedDataParallel(model) if info.distributed else model
+    ddp = DistributedDataParallel(model, bucket_cap_mb=cfg.ddp_bucket_mb) if info.distributed else model
+    # Without overlap every micro-batch runs under no_sync and the gradients are all-reduced after backward.
+    overlap = cfg.ddp_overlap or not info.distributed
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.dtype == "fp16")
     tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum * info.world_size
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", mininterval=1.0,
                disable=not (progress and info.is_main))
     records, t_start = [], time.perf_counter()
+    tracer = (profile_steps(out / "trace", info.rank, active=cfg.trace_steps) if cfg.trace_steps
+              else contextlib.nullcontext())
+    prof = tracer.__enter__()
     for step in range(start + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
         lr = lr_at(step, cfg)
@@ -174,12 +190,14 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
         for micro in range(cfg.grad_accum):
             x, y = (t.to(info.device, non_blocking=True) for t in next(batches))
             last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if last or not info.distributed else ddp.no_sync()
+            sync = contextlib.nullcontext() if (last and overlap) or not info.distributed else ddp.no_sync()
             with sync:
                 with _autocast(cfg.dtype, info.device):
                     loss = ddp(x, y)[1] / cfg.grad_accum
                 scaler.scale(loss).backward()
             loss_sum += loss.item()
+        if not overlap:
+            all_reduce_gradients(model, info.world_size)
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
         scaler.step(optimizer)
@@ -188,6 +206,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
         if info.device.type == "cuda":
             torch.cuda.synchronize()
         step_time = time.perf_counter() - t0
+        if prof is not None:
+            prof.step()
 
         record = {"step": step, "loss": all_reduce_mean(loss_sum), "lr": lr, "grad_norm": grad_norm.item(),
                   "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
@@ -204,6 +224,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
             save(out, step, model, optimizer, batches, meta, info, cfg)
         if os.environ.get(KILL_AFTER_STEP) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
+    tracer.__exit__(None, None, None)
     bar.close()
     if records:
         last = records[-1]
@@ -228,8 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
                        ("lr", float), ("min_lr", float), ("warmup_steps", int), ("weight_decay", float),
                        ("grad_clip", float), ("eval_interval", int), ("eval_iters", int),
                        ("checkpoint_interval", int), ("keep_checkpoints", int), ("seed", int), ("data", str),
-                       ("tokenizer_vocab", int), ("corpus_max_bytes", int)):
+                       ("tokenizer_vocab", int), ("corpus_max_bytes", int), ("ddp_bucket_mb", float),
+                       ("trace_steps", int)):
         train.add_argument("--" + name.replace("_", "-"), type=kind)
+    train.add_argument("--no-ddp-overlap", dest="ddp_overlap", action="store_const", const=False,
+                       help="all-reduce gradients after backward instead of during it")
     train.add_argument("--dtype", choices=("fp32", "bf16", "fp16"))
     return p
 

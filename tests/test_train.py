@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
-from conftest import run_train, train_cmd
 
 from labs_lib import checkpoint
 from labs_lib.config import TrainConfig
 from labs_lib.train import lr_at, read_metrics
+
+from conftest import run_train, train_cmd
 
 pytestmark = pytest.mark.slow
 

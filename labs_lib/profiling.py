@@ -1,0 +1,254 @@
+"""Measure where training time and memory go: traces, top operators, compute/communication split, MFU, activations.
+
+    python -m labs_lib.train --profile ci --out build/runs/prof --trace-steps 3      # one process
+    torchrun --standalone --nproc-per-node=2 -m labs_lib.train --profile ci --out build/runs/prof --trace-steps 3
+
+writes ``trace/rank<r>.*.pt.trace.json`` (Chrome / Perfetto / TensorBoard's profiler plugin) and
+``trace/ops_rank<r>.json`` (the top operators with self time, calls and FLOPs) for every rank. Then::
+
+    step_breakdown(trace_file)   # per profiled step: compute, communication, their overlap, idle
+    mfu(model.flops_per_token(), tokens_per_s, peak_flops(device)[0])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+# Dense peak throughput per GPU in FLOP/s from vendor data sheets (bf16/fp16 tensor cores, no sparsity).
+KNOWN_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe card is 756e12
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+# Names of collective operations in traces: c10d's operators, the backends' own spans (gloo's run on its worker
+# threads) and NCCL kernels.
+COMM_MARKERS = ("nccl", "gloo:", "c10d::", "record_param_comms")
+
+
+def measure_matmul_flops(size: int = 1024, dtype: torch.dtype = torch.float32, seconds: float = 0.5,
+                         device: str | torch.device = "cpu") -> float:
+    """Achieved FLOP/s of a square matmul on this device: the practical peak of a CPU, measured on the spot."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * runs / (time.perf_counter() - start)
+
+
+def peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16) -> tuple[float, str]:
+    """(peak FLOP/s, where the number comes from): a data-sheet value for known GPUs, else a measurement."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in KNOWN_PEAK_FLOPS.items():
+            if key in name:
+                return value, f"data sheet ({name})"
+        return measure_matmul_flops(8192, dtype, device=device), f"measured matmul ({name})"
+    measured = measure_matmul_flops(1024, torch.float32)
+    return measured, f"measured fp32 matmul on {torch.get_num_threads()} CPU thread(s)"
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
+    """Model FLOPs utilisation: the useful FLOPs (6N + 12·L·h·s per token) per second as a fraction of peak."""
+    return flops_per_token * tokens_per_s / peak
+
+
+def hfu(flops_per_token: float, tokens_per_s: float, peak: float, recompute_fraction: float = 0.0) -> float:
+    """Hardware FLOPs utilisation: also counts recomputed forward passes (activation checkpointing).
+
+    The forward pass is a third of the training FLOPs; recomputing a fraction f of it adds f/3."""
+    return flops_per_token * (1 + recompute_fraction / 3) * tokens_per_s / peak
+
+
+@contextlib.contextmanager
+def profile_steps(out_dir: str | Path, rank: int = 0, wait: int = 1, warmup: int = 1, active: int = 3,
+                  cuda: bool | None = None):
+    """A ``torch.profiler`` session over training steps; call ``prof.step()`` after each step.
+
+    Skips ``wait`` steps, warms up for ``warmup``, records ``active``; then writes the rank's Chrome trace and its
+    top-operator table (``ops_rank<r>.json``) to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    write_trace = tensorboard_trace_handler(str(out_dir), worker_name=f"rank{rank}")
+
+    def on_ready(prof):
+        write_trace(prof)
+        (out_dir / f"ops_rank{rank}.json").write_text(json.dumps(top_ops(prof, 30), indent=1))
+
+    with profile(activities=activities, schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1),
+                 on_trace_ready=on_ready, record_shapes=True, with_flops=True) as prof:
+        yield prof
+
+
+def top_ops(prof, n: int = 15) -> list[dict]:
+    """The ``n`` operators with the most self time: name, calls, self and total time (ms), FLOPs."""
+    use_cuda = any(getattr(e, "self_device_time_total", 0) for e in prof.key_averages())
+    key = "self_device_time_total" if use_cuda else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:n]
+    return [{"name": e.key, "calls": e.count, "self_ms": getattr(e, key) / 1e3,
+             "total_ms": (e.device_time_total if use_cuda else e.cpu_time_total) / 1e3, "flops": e.flops or 0}
+            for e in rows]
+
+
+def trace_files(trace_dir: str | Path) -> dict[int, Path]:
+    """{rank: newest Chrome trace file} in a trace folder."""
+    found: dict[int, Path] = {}
+    for path in sorted(glob.glob(str(Path(trace_dir) / "rank*.pt.trace.json")), key=lambda p: Path(p).stat().st_mtime):
+        rank = int(Path(path).name.split(".")[0].removeprefix("rank"))
+        found[rank] = Path(path)
+    return dict(sorted(found.items()))
+
+
+def is_comm(name: str) -> bool:
+    lowered = name.lower()
+    return any(marker in lowered for marker in COMM_MARKERS)
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(e - s for s, e in intervals)
+
+
+def _clip(intervals, start: float, end: float) -> list[tuple[float, float]]:
+    return [(max(s, start), min(e, end)) for s, e in intervals if e > start and s < end]
+
+
+def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Total length where two unions of intervals overlap."""
+    total, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def timeline(trace_path: str | Path) -> dict:
+    """Compute and communication intervals (microseconds) and the profiled steps of one rank's trace.
+
+    On a GPU trace the work is the device kernels (NCCL kernels are communication). On a CPU trace, compute is the
+    operators on the training thread and communication the collectives, including the time the backend's worker
+    threads (gloo) spend on them while the training thread computes or waits."""
+    events = [e for e in json.loads(Path(trace_path).read_text())["traceEvents"] if e.get("ph") == "X"]
+    steps = [e for e in events if e["name"].startswith("ProfilerStep#")]
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    if kernels:
+        work = kernels
+    else:
+        main_tid = steps[0]["tid"] if steps else None
+        work = [e for e in events if (e.get("cat") == "cpu_op" and e["tid"] == main_tid) or is_comm(e["name"])]
+    compute = _union([(e["ts"], e["ts"] + e["dur"]) for e in work if not is_comm(e["name"])])
+    comm = _union([(e["ts"], e["ts"] + e["dur"]) for e in work if is_comm(e["name"])])
+    return {"steps": [(e["name"], e["ts"], e["ts"] + e["dur"]) for e in steps], "compute": compute, "comm": comm}
+
+
+def step_breakdown(trace_path: str | Path) -> list[dict]:
+    """Per profiled step (milliseconds): total, compute, communication, overlap of the two, and idle.
+
+    ``compute + comm - overlap + idle == total``: exposed communication is ``comm - overlap``."""
+    tl = timeline(trace_path)
+    rows = []
+    for name, start, end in tl["steps"]:
+        compute = _clip(tl["compute"], start, end)
+        comm = _clip(tl["comm"], start, end)
+        overlap = _intersection(compute, comm)
+        busy = _length(compute) + _length(comm) - overlap
+        rows.append({"step": name, "total_ms": (end - start) / 1e3, "compute_ms": _length(compute) / 1e3,
+                     "comm_ms": _length(comm) / 1e3, "overlap_ms": overlap / 1e3,
+                     "idle_ms": (end - start - busy) / 1e3})
+    return rows
+
+
+class ActivationMeter:
+    """Bytes that autograd keeps for backward while the context is open, exactly, on any device.
+
+    Counts every distinct storage saved by an operation once (a tensor saved twice, or two views of one buffer,
+    are the same memory) and leaves out the module's parameters, which exist whether or not backward runs::
+
+        with ActivationMeter(model) as meter:
+            loss = model(x, y)[1]
+        meter.bytes
+    """
+
+    def __init__(self, module: torch.nn.Module | None = None):
+        self._params = {p.untyped_storage().data_ptr() for p in module.parameters()} if module is not None else set()
+        self._storages: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._params and ptr not in self._storages:
+            self._storages[ptr] = storage.nbytes()
+        return tensor
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._storages.values())
+
+    def __enter__(self) -> ActivationMeter:
+        self._storages.clear()
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def training_throughput(cfg, batch_size: int, steps: int = 5, warmup: int = 2, dtype: str = "fp32",
+                        device: str | torch.device = "cpu", seed: int = 0) -> float:
+    """Tokens/s of full training steps (forward, backward, AdamW) of labs_lib's GPT with shape ``cfg``, in-process.
+
+    Median over ``steps`` timed steps after ``warmup`` untimed ones; random tokens (speed does not depend on them)."""
+    from labs_lib.model import GPT
+
+    torch.manual_seed(seed)
+    model = GPT(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), device=device)
+    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bf16"
+                else contextlib.nullcontext())
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with autocast:
+            loss = model(x, x)[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return batch_size * cfg.block_size / times[len(times) // 2]
