@@ -33,6 +33,9 @@ lab: setup  ## JupyterLab on 127.0.0.1 with a token, opened at notebooks/
 test: setup  ## the whole suite
 	$(JUPYTER_ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -ra $(PYTEST_ARGS)
 
+bench: setup  ## every benchmark; tables in benchmarks/results/README.md
+	$(BIN)/python benchmarks/run_all.py
+
 lint: setup
 	$(BIN)/ruff check .
 
