@@ -41,3 +41,10 @@ lint: setup
 
 clean:
 	rm -rf build
+
+.PHONY: slurm-up slurm-down
+slurm-up:  ## the local 2-node Slurm cluster (installs Slurm as root); then `source build/slurm/env.sh`
+	bash slurm/local/up.sh
+
+slurm-down:  ## stop the local Slurm cluster (state and logs stay in build/slurm)
+	bash slurm/local/down.sh
