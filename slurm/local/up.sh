@@ -47,7 +47,8 @@ if ! have_slurm; then
 fi
 
 # --- 2. layout -------------------------------------------------------------------------------------------------
-mkdir -p "$SD"/{etc,state,spool,log,pids}
+# build/logs: where the job scripts' #SBATCH --output puts job logs (Slurm does not create folders).
+mkdir -p "$SD"/{etc,state,spool,log,pids} "$SD/../logs"
 CONF=$SD/etc/slurm.conf
 ME=$(id -un)
 # munged is strict about ownership and permissions; as root, run it as Debian's "munge" user, like the package does.
