@@ -85,6 +85,8 @@ def ensure_local_cluster(timeout: float = 600, quiet: bool = False) -> str:
     ours = os.environ.get("SLURM_CONF") == str(local_conf())
     if not ours and available():
         return "site"
+    if not quiet:
+        print("starting the local Slurm cluster (slurm/local/up.sh; the first time it installs Slurm, ~10 s)")
     result = _run("bash", str(UP_SCRIPT), timeout=timeout)
     if result.returncode == NOT_INSTALLABLE:
         raise SlurmUnavailable(result.stderr.strip())
@@ -106,6 +108,10 @@ def _script_path(script: str | Path) -> Path:
     raise FileNotFoundError(f"no job script {script} (looked in . and {PROJECT_ROOT / 'slurm'})")
 
 
+def _arg(value) -> str:
+    return str(value.resolve()) if isinstance(value, Path) else str(value)
+
+
 def submit(script: str | Path, *args: str, nodes: int | None = None, ntasks_per_node: int | None = None,
            job_name: str | None = None, output: str | Path | None = None, time_limit: str | None = None,
            partition: str | None = None, gpus_per_node: int | None = None, cpus_per_task: int | None = None,
@@ -113,8 +119,10 @@ def submit(script: str | Path, *args: str, nodes: int | None = None, ntasks_per_
     """``sbatch`` a job script with arguments ``args`` and environment variables ``env``; returns its :class:`Job`.
 
     The job inherits this process's environment plus ``env`` (sbatch's default ``--export=ALL``), and is submitted
-    from the project root, so the scripts find the venv and relative paths mean the same as in a shell there.
-    Its log goes to ``build/logs/<job name>-<job id>.out`` unless ``output`` says otherwise.
+    from the project root, so the scripts find the venv; ``Path`` arguments and values are made absolute first
+    (relative strings mean relative to the project root). Its log goes to ``build/logs/<job name>-<job id>.out``
+    unless ``output`` says otherwise. The ``SLURM_*`` variables of an enclosing job (JupyterLab started inside a
+    Slurm allocation) are left out: they would leak that job's layout into this one's ``srun``.
     """
     bad = [k for k in env if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", k)]
     if bad:
@@ -124,15 +132,16 @@ def submit(script: str | Path, *args: str, nodes: int | None = None, ntasks_per_
     if output is None:
         (build_dir() / "logs").mkdir(parents=True, exist_ok=True)
         output = build_dir() / "logs" / "%x-%j.out"
-    sbatch = ["sbatch", "--parsable", f"--output={output}"]
+    sbatch = ["sbatch", "--parsable", f"--output={_arg(output)}"]
     for flag, value in (("--nodes", nodes), ("--ntasks-per-node", ntasks_per_node), ("--job-name", job_name),
                         ("--time", time_limit), ("--partition", partition), ("--gpus-per-node", gpus_per_node),
                         ("--cpus-per-task", cpus_per_task)):
         if value is not None:
             sbatch.append(f"{flag}={value}")
     cwd = PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").exists() else Path.cwd()
-    result = _run(*sbatch, *options, str(_script_path(script)), *map(str, args), cwd=cwd,
-                  env=dict(os.environ, **{k: str(v) for k, v in env.items()}))
+    job_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
+    job_env.update({k: _arg(v) for k, v in env.items()})
+    result = _run(*sbatch, *options, str(_script_path(script)), *map(_arg, args), cwd=cwd, env=job_env)
     if result.returncode != 0:
         raise RuntimeError(f"sbatch refused the job: {result.stderr.strip()}")
     return Job(int(result.stdout.strip().split(";")[0]))
