@@ -110,7 +110,8 @@ else
     rm -f "$SOCKET"
     as_munge=()
     [[ $MUNGE_USER != "$ME" ]] && as_munge=(setpriv --reuid="$MUNGE_USER" --regid="$MUNGE_USER" --init-groups)
-    launch munged "${as_munge[@]}" munged --foreground --key-file="$KEY" --socket="$SOCKET" --pid-file="$MUNGE_DIR/munged.pid" --seed-file="$MUNGE_DIR/munged.seed"
+    launch munged "${as_munge[@]}" munged --foreground --key-file="$KEY" --socket="$SOCKET" \
+        --pid-file="$MUNGE_DIR/munged.pid" --seed-file="$MUNGE_DIR/munged.seed"
     for _ in $(seq 50); do
         [[ -S $SOCKET ]] && break
         sleep 0.1
@@ -135,6 +136,7 @@ ClusterName=labs
 SlurmctldHost=$HOST(127.0.0.1)
 SlurmctldPort=$PORT
 SlurmUser=$ME
+SlurmdUser=$ME
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$SOCKET
