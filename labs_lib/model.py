@@ -1,0 +1,282 @@
+"""The workshop GPT: a single-device GPT-2, untouched by parallelism.
+
+Parallelism is applied from outside (tensor parallel → activation checkpointing → compile → data parallel / ZeRO),
+so the module tree stays plain and its names are what the wrappers look for::
+
+    tok_emb, pos_emb, drop, blocks[i].{ln_1, attn.{qkv, proj}, ln_2, mlp.{fc, proj}}, ln_f, lm_head (tied to tok_emb)
+
+Also here: parameter and FLOP counts (PaLM appendix B), MFU, simple sampling, and weight import/export to a
+Hugging Face ``transformers`` GPT2LMHeadModel (``export_hf`` / ``import_hf``)::
+
+    model = GPT(GPTConfig.preset("gpt2-small"))
+    logits, loss = model(idx, targets)
+    model.flops_per_token() * tokens_per_s / PEAK_FLOPS["H100"]   # = mfu(...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from labs_lib.config import GPTConfig
+
+__all__ = ["GPTConfig", "CausalSelfAttention", "MLP", "Block", "GPT", "PEAK_FLOPS", "mfu", "to_hf", "from_hf",
+           "export_hf", "import_hf"]
+
+# Dense bf16 peak FLOP/s per accelerator from vendor data sheets (tensor cores, no sparsity).
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 PCIe": 756e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "V100": 125e12,  # fp16: V100 has no bf16
+    "T4": 65e12,  # fp16
+}
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: useful FLOP/s (``flops_per_token * tokens_per_s``) as a fraction of the peak."""
+    return flops_per_token * tokens_per_s / peak_flops
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be divisible by n_head"
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        # The number of heads comes from the tensor, not the config: a tensor-parallel qkv holds only its heads.
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # heads side by side again
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's gelu_new, as one fused kernel
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(self.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # weight tying: one matrix reads and writes tokens
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation. Works on the meta device too (the init functions are then no-ops)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+        # Each block adds two projections to the residual stream: scale them so its variance stays put with depth.
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """``idx`` (B, T) token ids → (logits (B, T, vocab), loss or None).
+
+        ``targets`` are already shifted (``targets[:, t]`` is the token after ``idx[:, t]``); -100 is ignored."""
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than the model's block_size={self.config.block_size}: "
+                             "crop the input to the last block_size tokens")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, the tied token embedding / lm_head counted once.
+
+        ``non_embedding=True`` leaves out the position embedding (nanoGPT's convention: the token embedding stays in,
+        because as the lm_head it does real work)."""
+        n = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        return n - self.pos_emb.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token, forward + backward: 6N + 12·L·h·s (PaLM, appendix B).
+
+        6N: every parameter takes part in one multiply-add forward (2 FLOPs) and two backward (4 FLOPs); N leaves
+        out the position embedding (a lookup, no matmul). 12·L·h·s: attention scores and weighted values, which have
+        no parameters. s defaults to block_size."""
+        s = seq_len or self.config.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * self.config.n_embd * s
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T). Temperature 0 is greedy.
+
+        No KV cache: every step runs the whole (cropped) context again. Call ``model.eval()`` first (dropout)."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size:]
+            logits = self(context)[0][:, -1, :]
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth_best = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth_best, float("-inf"))
+                probs = F.softmax(logits.float(), dim=-1)
+                next_token = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, next_token), dim=1)
+        return idx
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hugging Face GPT-2 interop. transformers is optional, so it is imported inside the functions.
+# GPT-2's Conv1D stores its weight as (in, out), the transpose of nn.Linear's (out, in).
+
+_HF_CONV1D = {"attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+
+
+def _hf_name(name: str) -> tuple[str, bool]:
+    """Our parameter name → (GPT2LMHeadModel's name, whether the weight is transposed there)."""
+    if name == "lm_head.weight":
+        return name, False
+    top = {"tok_emb": "wte", "pos_emb": "wpe", "ln_f": "ln_f"}
+    first, rest = name.split(".", 1)
+    if first in top:
+        return f"transformer.{top[first]}.{rest}", False
+    layer, sub = rest.split(".", 1)  # blocks.<i>.<sub>
+    module, kind = sub.rsplit(".", 1)
+    conv = _HF_CONV1D.get(module)
+    return f"transformer.h.{layer}.{conv or module}.{kind}", conv is not None and kind == "weight"
+
+
+def _hf_config(config: GPTConfig, eos_token_id: int | None):
+    from transformers import GPT2Config
+
+    if not config.bias:
+        raise ValueError("GPT-2 in transformers always has biases: export a model built with bias=True")
+    return GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                      n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
+                      resid_pdrop=config.dropout, embd_pdrop=config.dropout, attn_pdrop=config.dropout,
+                      layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+                      bos_token_id=eos_token_id, eos_token_id=eos_token_id)  # GPT-2's 50256 is not in our vocab
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No progress bars or info lines on stderr (a notebook test cell that writes to stderr scores zero)."""
+    from transformers.utils import logging
+
+    bars, level = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def to_hf(model: GPT, eos_token_id: int | None = None, attn_implementation: str = "sdpa"):
+    """A ``transformers`` GPT2LMHeadModel with ``model``'s weights (copied), in ``model``'s train/eval mode."""
+    from transformers import GPT2LMHeadModel
+
+    hf_config = _hf_config(model.config, eos_token_id)
+    hf_config._attn_implementation = attn_implementation
+    hf = GPT2LMHeadModel(hf_config)
+    hf_params = dict(hf.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters(remove_duplicate=False):
+            hf_name, transposed = _hf_name(name)
+            hf_params[hf_name].copy_(p.t() if transposed else p)
+    first = next(model.parameters())
+    return hf.to(device=first.device, dtype=first.dtype).train(model.training)
+
+
+def from_hf(hf) -> GPT:
+    """Our GPT with the weights of a ``transformers`` GPT2LMHeadModel (copied)."""
+    c = hf.config
+    if c.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or c.n_inner not in (None, 4 * c.n_embd):
+        raise ValueError(f"only GPT-2 with gelu_new and a 4x MLP converts, got activation {c.activation_function!r}, "
+                         f"n_inner={c.n_inner}")
+    config = GPTConfig(vocab_size=c.vocab_size, block_size=c.n_positions, n_layer=c.n_layer, n_head=c.n_head,
+                       n_embd=c.n_embd, dropout=c.resid_pdrop, bias=True)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=next(hf.parameters()).device)
+    model.lm_head.weight = model.tok_emb.weight  # to_empty gives each name its own tensor: tie again
+    hf_params = dict(hf.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            hf_name, transposed = _hf_name(name)
+            p.copy_(hf_params[hf_name].t() if transposed else hf_params[hf_name])
+    return model.train(hf.training)
+
+
+def export_hf(model: GPT, path: str | Path, eos_token_id: int | None = None) -> Path:
+    """Write ``model`` as a ``transformers`` GPT2LMHeadModel folder (config.json + model.safetensors).
+
+    ``eos_token_id``: the tokenizer's <|endoftext|> id, so that transformers' ``generate`` stops there."""
+    path = Path(path)
+    with _quiet_transformers():
+        to_hf(model, eos_token_id).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def import_hf(path: str | Path) -> GPT:
+    """Read a ``transformers`` GPT-2 folder (e.g. one written by ``export_hf``) into our GPT, in eval mode."""
+    from transformers import GPT2LMHeadModel
+
+    with _quiet_transformers():
+        hf = GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True)
+    return from_hf(hf).eval()
