@@ -234,6 +234,7 @@ def to_hf(model: GPT, eos_token_id: int | None = None, attn_implementation: str 
     hf_config = _hf_config(model.config, eos_token_id)
     hf_config._attn_implementation = attn_implementation
     hf = GPT2LMHeadModel(hf_config)
+    hf.loss_type = "ForCausalLM"  # the loss transformers would pick anyway, without a warning about it
     hf_params = dict(hf.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name, p in model.named_parameters(remove_duplicate=False):
