@@ -1,0 +1,9 @@
+"""Hand-written parallelism, one scheme per file, applied to the single-device GPT from outside.
+
+data_parallel.py  DDP by hand (bucketed, overlapped all-reduce)
+zero.py           ZeRO-1/2 sharded optimizer, ZeRO-3 fully sharded module
+comms.py          collectives as autograd Functions (Megatron's f/g operators)
+tensor_parallel.py  Megatron column/row parallel layers, vocab parallel embedding and loss, sequence parallel
+pipeline.py       stage partitioning, GPipe and 1F1B schedules with per-rank timelines
+mesh.py           DP x TP x PP process groups
+"""
