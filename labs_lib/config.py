@@ -84,6 +84,7 @@ class TrainConfig:
     ddp_bucket_mb: float = 25.0  # DDP gradient bucket size
     ddp_overlap: bool = True  # all-reduce buckets during backward (False: one all-reduce after backward)
     trace_steps: int = 0  # >0: torch.profiler trace of that many steps (after 1 skipped + 1 warm-up) into out/trace
+    compile: bool = False  # torch.compile the model (GPU: fused kernels; the first steps pay for compilation)
 
     def schedule_steps(self) -> int:
         return self.lr_decay_steps or self.max_steps
@@ -139,7 +140,7 @@ def _profiles() -> dict[str, Profile]:
             GPTConfig(vocab_size=_padded(gpu_vocab), block_size=1024, n_layer=12, n_head=12, n_embd=768),
             TrainConfig(batch_size=16, grad_accum=2, max_steps=2000, lr=6e-4, min_lr=6e-5, warmup_steps=100,
                         eval_interval=250, eval_iters=10, checkpoint_interval=500, dtype="bf16",
-                        tokenizer_vocab=gpu_vocab),
+                        tokenizer_vocab=gpu_vocab, compile=True),
         ),
     }
 

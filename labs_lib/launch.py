@@ -35,9 +35,9 @@ def train_args(out: str | Path, profile: str | None = None, resume: bool = False
         args.append("--resume")
     for name, value in settings.items():
         flag = name.replace("_", "-")
-        if value is False:  # switches that are on by default: ddp_overlap=False -> --no-ddp-overlap
-            args.append("--no-" + flag)
-        elif value is not None and value is not True:
+        if isinstance(value, bool):  # switches: compile=True -> --compile, ddp_overlap=False -> --no-ddp-overlap
+            args.append(("--" if value else "--no-") + flag)
+        elif value is not None:
             args += ["--" + flag, str(value)]
     return args
 

@@ -28,11 +28,12 @@ from labs_lib.config import GPTConfig
 __all__ = ["GPTConfig", "CausalSelfAttention", "MLP", "Block", "GPT", "PEAK_FLOPS", "mfu", "to_hf", "from_hf",
            "export_hf", "import_hf"]
 
-# Dense bf16 peak FLOP/s per accelerator from vendor data sheets (tensor cores, no sparsity).
+# Dense bf16 peak FLOP/s per accelerator from vendor data sheets (tensor cores, no sparsity). Keys are matched
+# against torch.cuda.get_device_name() word by word, most specific first ("NVIDIA H100 PCIe" before "H100").
 PEAK_FLOPS = {
     "H200": 989e12,
-    "H100 SXM": 989e12,
     "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM
     "A100": 312e12,
     "L40S": 362e12,
     "A10": 125e12,

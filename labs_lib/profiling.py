@@ -15,22 +15,15 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import re
 import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-# Dense peak throughput per GPU in FLOP/s from vendor data sheets (bf16/fp16 tensor cores, no sparsity).
-KNOWN_PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe card is 756e12
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10": 125e12,
-    "V100": 125e12,
-    "T4": 65e12,
-}
+from labs_lib.model import PEAK_FLOPS, mfu  # noqa: F401  (re-exported: the labs import mfu from here)
+
 # Names of collective operations in traces: c10d's operators, the backends' own spans (gloo's run on its worker
 # threads) and NCCL kernels.
 COMM_MARKERS = ("nccl", "gloo:", "c10d::", "record_param_comms")
@@ -57,17 +50,12 @@ def peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.bf
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, value in KNOWN_PEAK_FLOPS.items():
-            if key in name:
+        for key, value in PEAK_FLOPS.items():
+            if set(key.split()) <= set(re.split(r"[\s_-]+", name)):
                 return value, f"data sheet ({name})"
         return measure_matmul_flops(8192, dtype, device=device), f"measured matmul ({name})"
     measured = measure_matmul_flops(1024, torch.float32)
     return measured, f"measured fp32 matmul on {torch.get_num_threads()} CPU thread(s)"
-
-
-def mfu(flops_per_token: float, tokens_per_s: float, peak: float) -> float:
-    """Model FLOPs utilisation: the useful FLOPs (6N + 12·L·h·s per token) per second as a fraction of peak."""
-    return flops_per_token * tokens_per_s / peak
 
 
 def hfu(flops_per_token: float, tokens_per_s: float, peak: float, recompute_fraction: float = 0.0) -> float:

@@ -41,7 +41,7 @@ def test_single_process_run(tmp_path, ci_data):
     assert [r["step"] for r in records] == list(range(1, 41))
     assert {"step", "loss", "lr", "tokens_per_s", "grad_norm"} <= set(records[0])
     assert "val_loss" in records[19] and "val_loss" in records[39]
-    assert records[-1]["loss"] < records[0]["loss"] - 1.0, "the loss must fall"
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5, "the loss must fall"
     kept = [p.name for p in checkpoint.complete_checkpoints(out / "checkpoints")]
     assert kept == ["step_000030", "step_000040"]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000040"
