@@ -1,0 +1,237 @@
+"""Pipeline parallelism checked against one process, against torch.distributed.pipelining, and against the formulas.
+
+Every multi-rank check runs on real gloo ranks (tests/multiproc.py) with a tiny fp32 GPT without dropout:
+  * GPipe and 1F1B on 2 and 4 stages give the single-process losses over 5 AdamW steps and its gradients;
+  * torch's ScheduleGPipe / Schedule1F1B over the same stage modules give our losses;
+  * the measured bubble matches (p − 1)/(m + p − 1): the share of the step's wall-clock time a stage does not
+    compute (GPipe's convention; Megatron's (p − 1)/m divides by the ideal time instead);
+  * 1F1B keeps at most p − r micro-batches' activations on stage r, GPipe all m.
+"""
+
+import pytest
+import torch
+from multiproc import run_ranks
+
+from labs_lib.config import GPTConfig
+from labs_lib.model import GPT
+from labs_lib.parallel.pipeline import (
+    GPipe,
+    OneFOneB,
+    bubble_fraction,
+    check_pipeline,
+    gpt_loss,
+    make_schedule,
+    partition_gpt,
+)
+
+pytestmark = pytest.mark.slow
+
+CFG = GPTConfig(vocab_size=128, block_size=16, n_layer=4, n_head=2, n_embd=32, dropout=0.0)
+BATCH, STEPS, LR = 8, 5, 1e-2
+
+
+def _model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(CFG)
+
+
+def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, CFG.vocab_size, (BATCH, CFG.block_size), generator=g),
+             torch.randint(0, CFG.vocab_size, (BATCH, CFG.block_size), generator=g)) for _ in range(STEPS)]
+
+
+def _reference() -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses of 5 full-batch AdamW steps in one process, and the gradients of the first step."""
+    model = _model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses, grads = [], {}
+    for step, (x, y) in enumerate(_batches()):
+        loss = model(x, y)[1]
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, grads
+
+
+def _train(rank, world_size, schedule_name, micro_batches):
+    """Our schedule for 5 AdamW steps: (losses, this stage's first-step gradients by the full model's names)."""
+    stage = partition_gpt(_model(), rank, world_size)
+    schedule = make_schedule(schedule_name, stage, micro_batches)
+    optimizer = torch.optim.AdamW(stage.parameters(), lr=LR)
+    losses, grads = [], {}
+    for step, (x, y) in enumerate(_batches()):
+        losses.append(schedule.step(x, y))
+        if step == 0:
+            # The last stage's copy of the tied matrix is the full model's tok_emb.weight. Numpy arrays, not tensors,
+            # go back to the test: torch would share tensors through files the exiting rank takes away.
+            grads = {n.replace("lm_head.weight", "tok_emb.weight"): p.grad.numpy().copy()
+                     for n, p in stage.named_parameters()}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses, grads
+
+
+def _train_configs(rank, world_size, configs):
+    return {config: _train(rank, world_size, *config) for config in configs}
+
+
+def _configs(pp):
+    return [(name, m) for name in ("gpipe", "1f1b") for m in (1, 2, 4) if name == "gpipe" or m >= pp]
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_pipeline_matches_single_process(pp):
+    ref_losses, ref_grads = _reference()
+    results = run_ranks(_train_configs, pp, _configs(pp))
+    for config in _configs(pp):
+        per_rank = [r[config] for r in results]
+        for losses, _ in per_rank:  # every rank reports the broadcast loss
+            assert losses == pytest.approx(ref_losses, abs=1e-5), config
+        grads: dict[str, torch.Tensor] = {}
+        for _, stage_grads in per_rank:
+            for name, array in stage_grads.items():
+                grad = torch.from_numpy(array)
+                if name in grads:  # the tied matrix on the first and last stage: the same full gradient on both
+                    torch.testing.assert_close(grads[name], grad, rtol=0, atol=0)
+                grads[name] = grad
+        assert grads.keys() == ref_grads.keys(), config
+        for name, grad in ref_grads.items():
+            error = (grads[name] - grad).abs().max().item()
+            assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-6), (config, name, error)
+
+
+def _train_torch(rank, world_size, schedule_name, micro_batches):
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    stage = partition_gpt(_model(), rank, world_size)
+    schedule_cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule_name]
+    # scale_grads=True (the default) divides the summed micro-batch gradients by m: our 1/m on each loss.
+    schedule = schedule_cls(PipelineStage(stage, rank, world_size, torch.device("cpu")), micro_batches,
+                            loss_fn=gpt_loss)
+    optimizer = torch.optim.AdamW(stage.parameters(), lr=LR)
+    losses = []
+    for x, y in _batches():
+        micro_losses: list[torch.Tensor] = []
+        if stage.is_first:
+            schedule.step(x)
+        elif stage.is_last:
+            schedule.step(target=y, losses=micro_losses)
+        else:
+            schedule.step()
+        stage.sync_tied_grads()  # torch's stages know nothing of the tied embedding
+        loss = torch.stack(micro_losses).mean().detach() if stage.is_last else torch.zeros(())
+        torch.distributed.broadcast(loss, src=world_size - 1)
+        losses.append(loss.item())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+def _ours_and_torch(rank, world_size, configs):
+    return {config: (_train(rank, world_size, *config)[0], _train_torch(rank, world_size, *config))
+            for config in configs}
+
+
+def test_torch_pipelining_gives_our_losses():
+    configs = [("gpipe", 4), ("1f1b", 4)]
+    results = run_ranks(_ours_and_torch, 2, configs)
+    for config in configs:
+        for ours, theirs in (r[config] for r in results):
+            assert theirs == pytest.approx(ours, abs=1e-5), config
+
+
+def _bubble(rank, world_size, micro_batch_counts, delay_s):
+    """Idle fraction of this rank's second step (the first warms up), per schedule and m."""
+    stage = partition_gpt(_model(), rank, world_size)
+    fractions = {}
+    for name in ("gpipe", "1f1b"):
+        for m in micro_batch_counts:
+            if name == "1f1b" and m < world_size:
+                continue
+            schedule = make_schedule(name, stage, m, compute_delay_s=delay_s)
+            for x, y in _batches()[:2]:
+                schedule.step(x, y)
+                stage.zero_grad(set_to_none=True)
+            fractions[name, m] = schedule.idle_fraction()
+    return fractions
+
+
+def test_bubble_matches_formula():
+    """p = 4 balanced stages (a 20 ms forward / 40 ms backward delay dominates the tiny model's compute and the
+    messages): every stage idles (p − 1)/(m + p − 1) of the step.
+
+    Stage r waits r·t_f for its first activation, (p − 1 − r)(t_f + t_b) between its last forward and first
+    backward (GPipe) and r·t_b after its last backward for stage 0 to finish: (p − 1)(t_f + t_b) on every stage, so
+    each rank is compared with the formula on its own (and the mean over ranks printed alongside)."""
+    p, counts = 4, (1, 2, 4, 8)
+    results = run_ranks(_bubble, p, counts, 0.02)
+    for config in results[0]:
+        measured = [r[config] for r in results]
+        expected = bubble_fraction(p, config[1])
+        print(f"{config}: formula {expected:.3f}, measured per rank {[round(f, 3) for f in measured]}, "
+              f"mean {sum(measured) / p:.3f}")
+        for rank, fraction in enumerate(measured):
+            assert fraction == pytest.approx(expected, abs=0.05), (config, rank)
+
+
+def _activations(rank, world_size, micro_batches):
+    stage = partition_gpt(_model(), rank, world_size)
+    x, y = _batches()[0]
+    peaks = {}
+    for schedule in (GPipe(stage, micro_batches), OneFOneB(stage, micro_batches)):
+        schedule.step(x, y)
+        stage.zero_grad(set_to_none=True)
+        peaks[schedule.name] = (schedule.peak_in_flight, schedule.peak_activation_bytes)
+    return peaks
+
+
+def test_1f1b_keeps_fewer_activations_than_gpipe():
+    p, m = 4, 8
+    results = run_ranks(_activations, p, m)
+    for rank, peaks in enumerate(results):
+        (gpipe_live, gpipe_bytes), (ofob_live, ofob_bytes) = peaks["gpipe"], peaks["1f1b"]
+        assert gpipe_live == m and ofob_live == p - rank
+        # Each micro-batch saves the same bytes on a stage, so memory follows the count of live micro-batches.
+        assert gpipe_bytes > 0 and ofob_bytes * m == gpipe_bytes * (p - rank)
+
+
+def test_single_stage_is_the_model():
+    model = _model()
+    stage = partition_gpt(model, 0, 1)
+    assert [n for n, _ in stage.named_parameters()] == [n for n, _ in model.named_parameters()]
+    x, y = _batches()[0]
+    loss = GPipe(stage, 4).step(x, y)
+    stage_grads = [p.grad.clone() for p in stage.parameters()]
+    model.zero_grad(set_to_none=True)
+    ref = model(x, y)[1]
+    ref.backward()
+    assert loss == pytest.approx(ref.item(), abs=1e-6)
+    for grad, p in zip(stage_grads, model.parameters()):
+        torch.testing.assert_close(grad, p.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("args, fix", [
+    (dict(n_layer=6, pp=4, batch_size=8, micro_batches=4), "choose pp among the divisors of n_layer"),
+    (dict(n_layer=4, pp=4, batch_size=8, micro_batches=2), "raise --micro-batches to at least 4 or use --schedule "
+                                                           "gpipe"),
+    (dict(n_layer=4, pp=2, batch_size=8, micro_batches=3, schedule="gpipe"), "choose --micro-batches among the "
+                                                                            "divisors of the batch size"),
+    (dict(n_layer=4, pp=2, batch_size=8, micro_batches=2, schedule="zero-bubble"), "one of gpipe, 1f1b"),
+])
+def test_bad_configs_name_the_fix(args, fix):
+    with pytest.raises(ValueError, match=fix):
+        check_pipeline(**args)
+
+
+def test_schedules_validate_before_running():
+    with pytest.raises(ValueError, match="divisors of n_layer"):
+        partition_gpt(_model(), 0, 3)
+    stage = partition_gpt(_model(), 0, 1)
+    x, y = _batches()[0]
+    with pytest.raises(ValueError, match="divisors of the batch size"):
+        OneFOneB(stage, 3).step(x, y)
+    assert stage.tok_emb.weight.grad is None  # nothing ran
