@@ -136,9 +136,10 @@ def _ours_and_torch(rank, world_size, configs):
             for config in configs}
 
 
-def test_torch_pipelining_gives_our_losses():
+@pytest.mark.parametrize("pp", [2, 4])
+def test_torch_pipelining_gives_our_losses(pp):
     configs = [("gpipe", 4), ("1f1b", 4)]
-    results = run_ranks(_ours_and_torch, 2, configs)
+    results = run_ranks(_ours_and_torch, pp, configs)
     for config in configs:
         for ours, theirs in (r[config] for r in results):
             assert theirs == pytest.approx(ours, abs=1e-5), config
@@ -181,22 +182,30 @@ def test_bubble_matches_formula():
 def _activations(rank, world_size, micro_batches):
     stage = partition_gpt(_model(), rank, world_size)
     x, y = _batches()[0]
-    peaks = {}
+    peaks, orders = {}, {}
     for schedule in (GPipe(stage, micro_batches), OneFOneB(stage, micro_batches)):
         schedule.step(x, y)
         stage.zero_grad(set_to_none=True)
         peaks[schedule.name] = (schedule.peak_in_flight, schedule.peak_activation_bytes)
-    return peaks
+        orders[schedule.name] = [f"{e.kind[0].upper()}{e.micro_batch}" for e in schedule.timeline
+                                 if e.kind in ("forward", "backward")]
+        assert all(a.end <= b.start for a, b in zip(schedule.timeline, schedule.timeline[1:]))
+    return peaks, orders
 
 
 def test_1f1b_keeps_fewer_activations_than_gpipe():
     p, m = 4, 8
     results = run_ranks(_activations, p, m)
-    for rank, peaks in enumerate(results):
+    for rank, (peaks, orders) in enumerate(results):
         (gpipe_live, gpipe_bytes), (ofob_live, ofob_bytes) = peaks["gpipe"], peaks["1f1b"]
         assert gpipe_live == m and ofob_live == p - rank
         # Each micro-batch saves the same bytes on a stage, so memory follows the count of live micro-batches.
         assert gpipe_bytes > 0 and ofob_bytes * m == gpipe_bytes * (p - rank)
+        assert orders["gpipe"] == [f"F{i}" for i in range(m)] + [f"B{i}" for i in range(m)]
+        warmup = p - rank - 1  # 1F1B: p − r − 1 forwards, then the first backward right after the next forward
+        assert orders["1f1b"][:warmup + 2] == [f"F{i}" for i in range(warmup + 1)] + ["B0"]
+    assert results[0][1]["1f1b"] == "F0 F1 F2 F3 B0 F4 B1 F5 B2 F6 B3 F7 B4 B5 B6 B7".split()
+    assert results[p - 1][1]["1f1b"] == [f"{k}{i}" for i in range(m) for k in "FB"]
 
 
 def test_single_stage_is_the_model():

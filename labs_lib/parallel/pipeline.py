@@ -185,7 +185,7 @@ class PipelineSchedule:
     def __init__(self, stage: GPTStage, micro_batches: int, loss_fn=gpt_loss, compute_delay_s: float = 0.0):
         self.stage, self.micro_batches, self.loss_fn = stage, micro_batches, loss_fn
         self.compute_delay_s = compute_delay_s
-        self._check(batch_size=micro_batches)
+        self._check(batch_size=micro_batches)  # everything but the batch size, which step() checks
         self.meter = ActivationMeter(stage)
         self.timeline: list[Event] = []
         self.step_start = self.step_end = 0.0
@@ -235,6 +235,8 @@ class PipelineSchedule:
 
     def idle_fraction(self) -> float:
         """Share of the last step's time this rank did not compute: 1 − (forward + backward time) / step time."""
+        if not self.timeline:
+            raise RuntimeError("no step has run yet: call step() first")
         busy = sum(e.end - e.start for e in self.timeline if e.kind in ("forward", "backward"))
         return 1 - busy / (self.step_end - self.step_start)
 
