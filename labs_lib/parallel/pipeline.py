@@ -16,10 +16,13 @@ Schedules, for p stages, m micro-batches, forward time t_f and backward time t_b
     GPipe  all m forwards, then all m backwards. Every stage keeps the activations of all m micro-batches.
     1F1B   min(p − r − 1, m) warm-up forwards, then one forward / one backward in turn, then the last backwards.
            Same bubble as GPipe, but stage r keeps at most p − r micro-batches alive instead of m.
+    Interleaved 1F1B  each rank holds v chunks of L/(p·v) layers (rank r: virtual stages r, r + p, …), so a
+           micro-batch visits every rank v times; the 1F1B order runs over (chunk, micro-batch) pairs (Megatron-LM).
+           The bubble shrinks v times, at the price of v times more messages.
 
-Both take (m + p − 1)(t_f + t_b) per step, of which each stage computes m(t_f + t_b): the bubble is
+GPipe and 1F1B take (m + p − 1)(t_f + t_b) per step, of which each stage computes m(t_f + t_b): the bubble is
 (p − 1)/(m + p − 1) of the step time (the GPipe paper's convention; Megatron-LM divides by the ideal time m(t_f + t_b)
-instead and writes (p − 1)/m). See :func:`bubble_fraction`.
+instead and writes (p − 1)/m). Interleaving makes it (p − 1)/(v·m + p − 1). See :func:`bubble_fraction`.
 
 Loss convention: each micro-batch's mean loss is divided by m before its backward, so the gradients add up to the
 full-batch mean gradient. ``torch.distributed.pipelining`` gets the same gradients by dividing them by m
@@ -40,24 +43,39 @@ from labs_lib.model import GPT
 from labs_lib.profiling import ActivationMeter
 
 __all__ = ["SCHEDULES", "check_pipeline", "bubble_fraction", "GPTStage", "partition_gpt", "gpt_loss", "Event",
-           "PipelineSchedule", "GPipe", "OneFOneB", "make_schedule"]
+           "PipelineSchedule", "GPipe", "OneFOneB", "Interleaved1F1B", "make_schedule"]
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_pipeline(n_layer: int, pp: int, batch_size: int, micro_batches: int, schedule: str = "1f1b") -> None:
-    """Raise ``ValueError`` naming the fix for a pipeline layout that cannot run. Call it before spawning ranks."""
+def check_pipeline(n_layer: int, pp: int, batch_size: int, micro_batches: int, schedule: str = "1f1b",
+                   chunks: int = 1) -> None:
+    """Raise ``ValueError`` naming the fix for a pipeline layout that cannot run. Call it before spawning ranks.
+
+    ``chunks``: model chunks per rank (v), for the interleaved schedule only."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {schedule!r}: use --schedule with one of {', '.join(SCHEDULES)}")
-    if pp < 1 or micro_batches < 1:
-        raise ValueError(f"pp and micro_batches must be >= 1, got pp={pp} micro_batches={micro_batches}")
-    if n_layer % pp:
-        raise ValueError(f"n_layer={n_layer} is not divisible by pp={pp}: choose pp among the divisors of n_layer "
-                         f"{_divisors(n_layer)}")
+    if pp < 1 or micro_batches < 1 or chunks < 1:
+        raise ValueError(f"pp, micro_batches and chunks must be >= 1, got pp={pp} micro_batches={micro_batches} "
+                         f"chunks={chunks}")
+    if schedule == "interleaved-1f1b":
+        if pp < 2 or chunks < 2:
+            raise ValueError(f"interleaved 1F1B needs pp >= 2 and chunks >= 2, got pp={pp} chunks={chunks}: raise "
+                             "them or use --schedule 1f1b")
+        if micro_batches % pp:
+            raise ValueError(f"interleaved 1F1B runs micro-batches in groups of pp={pp}, got micro_batches="
+                             f"{micro_batches}: use a multiple of {pp} or --schedule 1f1b")
+    elif chunks != 1:
+        raise ValueError(f"only the interleaved schedule runs several chunks per rank, got chunks={chunks} with "
+                         f"{schedule}: use --schedule interleaved-1f1b or chunks=1")
+    if n_layer % (pp * chunks):
+        what = "pp" if chunks == 1 else f"pp*chunks={pp * chunks}"
+        raise ValueError(f"n_layer={n_layer} is not divisible by {what}: choose pp among the divisors of n_layer "
+                         f"{_divisors(n_layer)}" + ("" if chunks == 1 else " and chunks so that pp*chunks divides it"))
     if batch_size % micro_batches:
         raise ValueError(f"batch size {batch_size} is not divisible by micro_batches={micro_batches}: choose "
                          f"--micro-batches among the divisors of the batch size {_divisors(batch_size)}")
@@ -66,9 +84,9 @@ def check_pipeline(n_layer: int, pp: int, batch_size: int, micro_batches: int, s
                          f"pp={pp}: raise --micro-batches to at least {pp} or use --schedule gpipe")
 
 
-def bubble_fraction(pp: int, micro_batches: int) -> float:
-    """Idle share of a GPipe / 1F1B step with balanced stages: (p − 1)/(m + p − 1) of the total time."""
-    return (pp - 1) / (micro_batches + pp - 1)
+def bubble_fraction(pp: int, micro_batches: int, chunks: int = 1) -> float:
+    """Idle share of a step with balanced stages: (p − 1)/(v·m + p − 1) of the total time (v = 1: GPipe, 1F1B)."""
+    return (pp - 1) / (chunks * micro_batches + pp - 1)
 
 
 def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -80,19 +98,24 @@ class GPTStage(nn.Module):
     """One pipeline stage of a :class:`GPT`, sharing the model's modules (and so its parameters and their names).
 
     ``forward`` maps token ids (first stage) or hidden states (other stages) to hidden states, or to logits on the
-    last stage: exactly the ops of ``GPT.forward``, cut at block boundaries."""
+    last stage: exactly the ops of ``GPT.forward``, cut at block boundaries. With ``chunks`` = v > 1 (interleaved
+    schedule) rank r holds v stages, ``chunk`` c being virtual stage ``c·p + r`` of p·v."""
 
-    def __init__(self, model: GPT, pp_rank: int, pp_size: int, group: dist.ProcessGroup | None = None):
+    def __init__(self, model: GPT, pp_rank: int, pp_size: int, group: dist.ProcessGroup | None = None,
+                 chunk: int = 0, chunks: int = 1):
         super().__init__()
-        n_layer = model.config.n_layer
-        if n_layer % pp_size:
-            raise ValueError(f"n_layer={n_layer} is not divisible by pp={pp_size}: choose pp among the divisors of "
+        n_layer, num_stages = model.config.n_layer, pp_size * chunks
+        if n_layer % num_stages:
+            what = "pp" if chunks == 1 else f"pp*chunks={num_stages}"
+            raise ValueError(f"n_layer={n_layer} is not divisible by {what}: choose pp among the divisors of "
                              f"n_layer {_divisors(n_layer)}")
-        if not 0 <= pp_rank < pp_size:
-            raise ValueError(f"pp_rank={pp_rank} is outside the pipeline of {pp_size} stages")
+        if not (0 <= pp_rank < pp_size and 0 <= chunk < chunks):
+            raise ValueError(f"pp_rank={pp_rank}, chunk={chunk} is outside a pipeline of {pp_size} ranks x {chunks} "
+                             "chunks")
         self.config = model.config
-        self.pp_rank, self.pp_size, self.group = pp_rank, pp_size, group
-        self.is_first, self.is_last = pp_rank == 0, pp_rank == pp_size - 1
+        self.pp_rank, self.pp_size, self.group, self.chunk = pp_rank, pp_size, group, chunk
+        self.stage_index = chunk * pp_size + pp_rank  # position in the pipeline of p·v virtual stages
+        self.is_first, self.is_last = self.stage_index == 0, self.stage_index == num_stages - 1
         # Global ranks of the stages, in pipeline order: point-to-point calls address global ranks.
         self.ranks = list(range(pp_size))
         if pp_size > 1:
@@ -104,12 +127,11 @@ class GPTStage(nn.Module):
                 raise ValueError(f"the pipeline group has {len(self.ranks)} ranks but pp={pp_size}: launch pp "
                                  "processes per pipeline or pass the pipeline's process group")
 
-        per_stage = n_layer // pp_size
+        per_stage, first_layer = n_layer // num_stages, self.stage_index * n_layer // num_stages
         if self.is_first:
             self.tok_emb, self.pos_emb, self.drop = model.tok_emb, model.pos_emb, model.drop
         # A ModuleDict keyed by the global layer index keeps the parameter names of the full model (blocks.5.…).
-        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(pp_rank * per_stage,
-                                                                             (pp_rank + 1) * per_stage)})
+        self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(first_layer, first_layer + per_stage)})
         if self.is_last:
             self.ln_f, self.lm_head = model.ln_f, model.lm_head
 
@@ -118,13 +140,14 @@ class GPTStage(nn.Module):
         if pp_size > 1 and (self.is_first or self.is_last):
             self.tied_group = dist.new_group([self.ranks[0], self.ranks[-1]], use_local_synchronization=True)
 
+    # The neighbouring virtual stages live on the neighbouring ranks (around the ring when interleaved).
     @property
     def prev_rank(self) -> int:
-        return self.ranks[self.pp_rank - 1]
+        return self.ranks[(self.pp_rank - 1) % self.pp_size]
 
     @property
     def next_rank(self) -> int:
-        return self.ranks[self.pp_rank + 1]
+        return self.ranks[(self.pp_rank + 1) % self.pp_size]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_first:
@@ -146,12 +169,14 @@ class GPTStage(nn.Module):
         dist.all_reduce(weight.grad, group=self.tied_group)
 
 
-def partition_gpt(model: GPT, pp_rank: int, pp_size: int, group: dist.ProcessGroup | None = None) -> GPTStage:
-    """Stage ``pp_rank`` of ``pp_size`` of ``model`` (``n_layer`` must divide evenly).
+def partition_gpt(model: GPT, pp_rank: int, pp_size: int, group: dist.ProcessGroup | None = None,
+                  chunk: int = 0, chunks: int = 1) -> GPTStage:
+    """Stage ``pp_rank`` of ``pp_size`` of ``model`` (``n_layer`` must divide evenly); with ``chunks`` > 1, its
+    ``chunk``-th model chunk for the interleaved schedule (build all of a rank's chunks, in order).
 
     ``group``: the pipeline's process group (None: the whole world is one pipeline). The stage shares modules with
     ``model``: drop the model afterwards to free the other stages' layers. Every rank of the pipeline calls this."""
-    return GPTStage(model, pp_rank, pp_size, group)
+    return GPTStage(model, pp_rank, pp_size, group, chunk, chunks)
 
 
 class Event(NamedTuple):
@@ -164,7 +189,7 @@ class Event(NamedTuple):
 
 
 class PipelineSchedule:
-    """Runs one training step of a stage over ``micro_batches`` micro-batches; subclasses choose the order.
+    """Runs one training step of a rank's stage(s) over ``micro_batches`` micro-batches; subclasses choose the order.
 
     Timeline of the last step, per rank, in ``self.timeline``:
         forward / backward  the stage's compute for one micro-batch (including ``compute_delay_s``)
@@ -173,28 +198,33 @@ class PipelineSchedule:
         idle                the end of the step: waiting for the slowest stage (loss broadcast and a barrier)
     The step starts after a barrier, so every rank's step window is the same wall-clock span.
 
-    ``compute_delay_s`` (tests and benchmarks only): sleep that long after every forward and twice that after every
-    backward, as if each stage's compute took that much longer. On a small CPU the real compute of a tiny model is
-    shorter than the noise of several processes sharing two cores; the delay makes balanced stages whose compute
-    dominates, so the measured bubble can be compared with (p − 1)/(m + p − 1).
+    ``compute_delay_s`` (tests and benchmarks only): sleep that long after every forward of a stage module and twice
+    that after every backward, as if its compute took that much longer. On a small CPU the real compute of a tiny
+    model is shorter than the noise of several processes sharing two cores; the delay makes balanced stages whose
+    compute dominates, so the measured bubble can be compared with (p − 1)/(m + p − 1).
 
-    Memory: ``peak_in_flight`` micro-batches whose activations were kept for backward at once, and
+    Memory: ``peak_in_flight`` micro-batches (per chunk) whose activations were kept for backward at once, and
     ``peak_activation_bytes`` those activations' bytes (:class:`ActivationMeter` around each forward).
     """
 
-    def __init__(self, stage: GPTStage, micro_batches: int, loss_fn=gpt_loss, compute_delay_s: float = 0.0):
-        self.stage, self.micro_batches, self.loss_fn = stage, micro_batches, loss_fn
-        self.compute_delay_s = compute_delay_s
+    name = ""
+
+    def __init__(self, stages: GPTStage | list[GPTStage], micro_batches: int, loss_fn=gpt_loss,
+                 compute_delay_s: float = 0.0):
+        self.stages = [stages] if isinstance(stages, GPTStage) else list(stages)
+        if [s.chunk for s in self.stages] != list(range(len(self.stages))):
+            raise ValueError("pass one stage per model chunk of this rank, in chunk order (chunk=0, 1, …)")
+        self.first, self.last = self.stages[0], self.stages[-1]
+        self.micro_batches, self.loss_fn, self.compute_delay_s = micro_batches, loss_fn, compute_delay_s
         self._check(batch_size=micro_batches)  # everything but the batch size, which step() checks
-        self.meter = ActivationMeter(stage)
+        self.meter = ActivationMeter(nn.ModuleList(self.stages))
         self.timeline: list[Event] = []
         self.step_start = self.step_end = 0.0
         self.peak_in_flight = self.peak_activation_bytes = 0
 
-    name = ""
-
     def _check(self, batch_size: int) -> None:
-        check_pipeline(self.stage.config.n_layer, self.stage.pp_size, batch_size, self.micro_batches, self.name)
+        check_pipeline(self.first.config.n_layer, self.first.pp_size, batch_size, self.micro_batches, self.name,
+                       len(self.stages))
 
     def _run(self) -> None:
         raise NotImplementedError
@@ -204,19 +234,19 @@ class PipelineSchedule:
         the stage's parameters (zero them between steps). Every stage passes the same batch: the first reads the
         tokens, the last the targets, the others their shape. Returns the batch's mean loss on every rank."""
         self._check(batch_size=idx.size(0))
-        stage, m = self.stage, self.micro_batches
+        m, config = self.micro_batches, self.first.config
         self._tokens, self._targets = idx.chunk(m), targets.chunk(m)
-        micro_batch_size, seq_len = idx.size(0) // m, idx.size(1)
-        self._hidden_shape = (micro_batch_size, seq_len, stage.config.n_embd)
-        self._dtype = next(stage.parameters()).dtype
-        self._saved: dict[int, tuple] = {}  # micro-batch → (stage input, stage output or loss, activation bytes)
+        self._hidden_shape = (idx.size(0) // m, idx.size(1), config.n_embd)
+        self._dtype = next(self.first.parameters()).dtype
+        self._saved: dict[tuple[int, int], tuple] = {}  # (chunk, micro-batch) → (input, output or loss, bytes)
         self._live_bytes, self._pending_sends = 0, []
         self._loss = torch.zeros((), dtype=torch.float32, device=idx.device)
         self.timeline, self.peak_in_flight, self.peak_activation_bytes = [], 0, 0
 
-        distributed = stage.pp_size > 1
+        distributed = self.first.pp_size > 1
+        group = self.first.group
         if distributed:
-            dist.barrier(group=stage.group)
+            dist.barrier(group=group)
         self.step_start = time.perf_counter()
         self._run()
         if distributed:
@@ -224,11 +254,12 @@ class PipelineSchedule:
             for work, _ in self._pending_sends:
                 work.wait()
             self._pending_sends = []
-            stage.sync_tied_grads()
+            for stage in self.stages:
+                stage.sync_tied_grads()
             self._record("send", None, start)
             start = time.perf_counter()
-            dist.broadcast(self._loss, src=stage.ranks[-1], group=stage.group)
-            dist.barrier(group=stage.group)
+            dist.broadcast(self._loss, src=self.first.ranks[-1], group=group)
+            dist.barrier(group=group)
             self._record("idle", None, start)
         self.step_end = time.perf_counter()
         return self._loss.item()
@@ -245,24 +276,32 @@ class PipelineSchedule:
     def _record(self, kind: str, micro_batch: int | None, start: float) -> None:
         self.timeline.append(Event(kind, micro_batch, start, time.perf_counter()))
 
-    def _recv(self, src: int, micro_batch: int, requires_grad: bool) -> torch.Tensor:
+    def _tag(self, receiver: int, is_grad: bool, micro_batch: int) -> int:
+        """A message's tag, unique per (receiving virtual stage, direction, micro-batch): with interleaving, one pair
+        of ranks carries several chunks' activations and gradients, in both directions."""
+        return (2 * receiver + is_grad) * self.micro_batches + micro_batch
+
+    def _recv(self, src: int, tag: int, micro_batch: int, requires_grad: bool) -> torch.Tensor:
         start = time.perf_counter()
         buffer = torch.empty(self._hidden_shape, dtype=self._dtype, device=self._loss.device)
-        dist.irecv(buffer, src).wait()
+        dist.irecv(buffer, src, tag=tag).wait()
         self._record("recv", micro_batch, start)
         return buffer.requires_grad_(requires_grad)
 
-    def _send(self, tensor: torch.Tensor, dst: int, micro_batch: int) -> None:
+    def _send(self, tensor: torch.Tensor, dst: int, tag: int, micro_batch: int) -> None:
         # Sends never block the schedule: a rank only waits for what it receives, so no order of sends can deadlock.
         start = time.perf_counter()
         tensor = tensor.detach().contiguous()
         self._pending_sends = [(w, t) for w, t in self._pending_sends if not w.is_completed()]
-        self._pending_sends.append((dist.isend(tensor, dst), tensor))  # keep the buffer alive until it is sent
+        self._pending_sends.append((dist.isend(tensor, dst, tag=tag), tensor))  # keep the buffer until it is sent
         self._record("send", micro_batch, start)
 
-    def _forward(self, i: int) -> None:
-        stage = self.stage
-        x = self._tokens[i] if stage.is_first else self._recv(stage.prev_rank, i, requires_grad=True)
+    def _forward(self, i: int, chunk: int = 0) -> None:
+        stage = self.stages[chunk]
+        if stage.is_first:
+            x = self._tokens[i]
+        else:
+            x = self._recv(stage.prev_rank, self._tag(stage.stage_index, False, i), i, requires_grad=True)
         start = time.perf_counter()
         with self.meter:
             y = stage(x)
@@ -270,26 +309,29 @@ class PipelineSchedule:
                 y = self.loss_fn(y, self._targets[i]) / self.micro_batches
         time.sleep(self.compute_delay_s)
         self._record("forward", i, start)
-        self._saved[i] = (x, y, self.meter.bytes)
+        self._saved[chunk, i] = (x, y, self.meter.bytes)
         self._live_bytes += self.meter.bytes
         self.peak_in_flight = max(self.peak_in_flight, len(self._saved))
         self.peak_activation_bytes = max(self.peak_activation_bytes, self._live_bytes)
         if stage.is_last:
             self._loss += y.detach().float()
         else:
-            self._send(y, stage.next_rank, i)
+            self._send(y, stage.next_rank, self._tag(stage.stage_index + 1, False, i), i)
 
-    def _backward(self, i: int) -> None:
-        stage = self.stage
-        grad_y = None if stage.is_last else self._recv(stage.next_rank, i, requires_grad=False)
-        x, y, nbytes = self._saved.pop(i)
+    def _backward(self, i: int, chunk: int = 0) -> None:
+        stage = self.stages[chunk]
+        if stage.is_last:
+            grad_y = None
+        else:
+            grad_y = self._recv(stage.next_rank, self._tag(stage.stage_index, True, i), i, requires_grad=False)
+        x, y, nbytes = self._saved.pop((chunk, i))
         start = time.perf_counter()
         torch.autograd.backward(y, grad_y)  # on the last stage y is the loss already scaled by 1/m
         time.sleep(2 * self.compute_delay_s)  # backward costs about twice the forward
         self._record("backward", i, start)
         self._live_bytes -= nbytes
         if not stage.is_first:
-            self._send(x.grad, stage.prev_rank, i)
+            self._send(x.grad, stage.prev_rank, self._tag(stage.stage_index - 1, True, i), i)
 
 
 class GPipe(PipelineSchedule):
@@ -311,7 +353,7 @@ class OneFOneB(PipelineSchedule):
 
     def _run(self) -> None:
         m = self.micro_batches
-        warmup = min(self.stage.pp_size - self.stage.pp_rank - 1, m)
+        warmup = min(self.first.pp_size - self.first.pp_rank - 1, m)
         for i in range(warmup):
             self._forward(i)
         for i in range(m - warmup):  # steady state: micro-batch warmup + i goes forward, micro-batch i backward
@@ -321,8 +363,36 @@ class OneFOneB(PipelineSchedule):
             self._backward(i)
 
 
-def make_schedule(name: str, stage: GPTStage, micro_batches: int, **kwargs) -> PipelineSchedule:
-    """The schedule called ``name`` (``gpipe`` or ``1f1b``), e.g. from a ``--schedule`` flag."""
+class Interleaved1F1B(PipelineSchedule):
+    """Megatron-LM's interleaved 1F1B (Narayanan et al. 2021, section 2.2): 1F1B over v chunks per rank.
+
+    Work unit k (of m·v) is micro-batch ``(k // (p·v))·p + k % p`` on chunk ``(k // p) % v`` (reversed for
+    backward): groups of p micro-batches go through chunk 0, then chunk 1, … The longer warm-up,
+    2(p − r − 1) + (v − 1)·p units, fills all chunks before the first backward can come back."""
+
+    name = "interleaved-1f1b"
+
+    def _unit(self, k: int, forward: bool) -> tuple[int, int]:
+        p, v = self.first.pp_size, len(self.stages)
+        chunk = (k // p) % v
+        return (k // (p * v)) * p + k % p, chunk if forward else v - 1 - chunk
+
+    def _run(self) -> None:
+        p, r, v = self.first.pp_size, self.first.pp_rank, len(self.stages)
+        units = self.micro_batches * v
+        warmup = min(2 * (p - r - 1) + (v - 1) * p, units)
+        for k in range(warmup):
+            self._forward(*self._unit(k, forward=True))
+        for k in range(units - warmup):
+            self._forward(*self._unit(warmup + k, forward=True))
+            self._backward(*self._unit(k, forward=False))
+        for k in range(units - warmup, units):
+            self._backward(*self._unit(k, forward=False))
+
+
+def make_schedule(name: str, stages: GPTStage | list[GPTStage], micro_batches: int, **kwargs) -> PipelineSchedule:
+    """The schedule called ``name`` (one of :data:`SCHEDULES`), e.g. from a ``--schedule`` flag."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown pipeline schedule {name!r}: use --schedule with one of {', '.join(SCHEDULES)}")
-    return {"gpipe": GPipe, "1f1b": OneFOneB}[name](stage, micro_batches, **kwargs)
+    return {"gpipe": GPipe, "1f1b": OneFOneB, "interleaved-1f1b": Interleaved1F1B}[name](stages, micro_batches,
+                                                                                         **kwargs)
