@@ -2,10 +2,12 @@
 
 Every multi-rank check runs on real gloo ranks (tests/multiproc.py) with a tiny fp32 GPT:
   * f/g: a column-split then row-split product of two matrices is the full product, gradients included; the
-    sequence-parallel pair (all-gather / reduce-scatter along the sequence) likewise;
+    sequence-parallel pair (all-gather / reduce-scatter along the sequence) likewise; so are the layers;
   * vocab-parallel cross-entropy equals F.cross_entropy (ignore_index too) without gathering the logits;
   * 5 AdamW steps without dropout give the single-process losses for tp=2 and tp=4, with and without sequence
-    parallelism, and the reassembled first-step gradients equal the single-process ones;
+    parallelism (and for two TP groups of 2 side by side on 4 ranks), and the reassembled first-step gradients
+    equal the single-process ones; the shards reassemble to the full weights exactly; without targets the model
+    returns the full logits;
   * with dropout, two runs from the same seed give identical losses, every TP rank the same loss, and the
     replicated weights stay identical across ranks (only the sharded regions draw per-rank masks);
   * torch's DTensor TP (parallelize_module, ColwiseParallel/RowwiseParallel, loss_parallel) gives our losses;
@@ -14,6 +16,7 @@ Every multi-rank check runs on real gloo ranks (tests/multiproc.py) with a tiny 
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from multiproc import run_ranks
 
@@ -28,6 +31,8 @@ from labs_lib.parallel.comms import (
     scatter_to_tensor_parallel_region,
 )
 from labs_lib.parallel.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
     apply_tensor_parallel,
     check_tensor_parallel,
     gather_full_state_dict,
@@ -108,7 +113,14 @@ def _operators(rank, world_size):
     Y = gather_from_tensor_parallel_region(scatter_to_tensor_parallel_region(X_g))
     (Y * X).sum().backward()
     last = [(Y, X), (X_g.grad, X)]
-    return [torch.allclose(a.detach(), b.detach(), atol=1e-5) for a, b in mlp + seq + last]
+
+    # The layers built directly: each rank slices the same full initialisation, so the pair is one full MLP.
+    torch.manual_seed(1)
+    pair = torch.nn.Sequential(ColumnParallelLinear(6, 8), RowParallelLinear(8, 5))
+    full = gather_full_state_dict(pair)
+    dense = F.linear(F.linear(X, full["0.weight"], full["0.bias"]), full["1.weight"], full["1.bias"])
+    layers = [(pair(X), dense)]
+    return [torch.allclose(a.detach(), b.detach(), atol=1e-5) for a, b in mlp + seq + last + layers]
 
 
 def test_f_and_g_give_the_full_product_and_gradients():
@@ -150,10 +162,22 @@ def _reference():
 
 
 def _train_tp(rank, world_size):
+    """Per sequence-parallel setting: (losses, first-step grads, weights round-trip, full logits match)."""
+    # On 4 ranks also two TP groups of 2 side by side (as under DP x TP): the layers must use their group's rank.
+    settings = [(False, None), (True, None)]
+    if world_size == 4:
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+        settings.append((True, pairs[rank // 2]))
     results = {}
-    for sp in (False, True):
-        model = apply_tensor_parallel(_model(), sequence_parallel=sp)
-        results[sp] = _train(model, lambda m: _plain(gather_full_state_dict(m, grads=True)))
+    x = _batches()[0][0]
+    for sp, group in settings:
+        reference = _model()
+        model = apply_tensor_parallel(_model(), group, sequence_parallel=sp)
+        full = gather_full_state_dict(model, group)
+        round_trip = all(torch.equal(t, reference.state_dict()[n]) for n, t in full.items())
+        logits_match = torch.allclose(model(x)[0], reference(x)[0], atol=1e-5)  # no targets: the full logits
+        losses, grads = _train(model, lambda m, g=group: _plain(gather_full_state_dict(m, g, grads=True)))
+        results[f"sp={sp} tp={dist.get_world_size(group)}"] = losses, grads, round_trip, logits_match
     return results
 
 
@@ -161,10 +185,13 @@ def _train_tp(rank, world_size):
 def test_training_matches_single_process(tp):
     ref_losses, ref_grads = _reference()
     for rank, result in enumerate(run_ranks(_train_tp, tp)):
-        for sp, (losses, grads) in result.items():
-            assert losses == pytest.approx(ref_losses, abs=1e-5), f"tp={tp} sp={sp} rank {rank}"
+        assert len(result) == (3 if tp == 4 else 2)
+        for setting, (losses, grads, round_trip, logits_match) in result.items():
+            assert round_trip, f"{setting}: gather_full_state_dict does not give back the full weights"
+            assert logits_match, f"{setting}: full logits differ from the single-device model's"
+            assert losses == pytest.approx(ref_losses, abs=1e-5), f"{setting} rank {rank}"
             for name, ref in ref_grads.items():
-                assert torch.allclose(torch.from_numpy(grads[name]), ref, atol=1e-5), f"tp={tp} sp={sp} {name}"
+                assert torch.allclose(torch.from_numpy(grads[name]), ref, atol=1e-5), f"{setting} rank {rank}: {name}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

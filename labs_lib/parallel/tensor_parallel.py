@@ -414,6 +414,8 @@ def apply_tensor_parallel(model: GPT, tp_group=None, sequence_parallel: bool = F
     """Turn ``model`` into rank ``group_rank(tp_group)``'s tensor-parallel shard, in place; returns it.
 
     Every rank must pass the same full weights (same seed): each keeps its own slice of them."""
+    if isinstance(model, TensorParallelGPT):
+        raise ValueError("this model is already tensor-parallel: apply_tensor_parallel to a single-device GPT")
     cfg, sp = model.config, sequence_parallel
     check_tensor_parallel(cfg, group_size(tp_group))
     model.tok_emb = VocabParallelEmbedding.from_embedding(model.tok_emb, tp_group, sp)
