@@ -31,6 +31,7 @@ from labs_lib.parallel.comms import (
     scatter_to_tensor_parallel_region,
 )
 from labs_lib.parallel.tensor_parallel import (
+    TP_RNG,
     ColumnParallelLinear,
     RowParallelLinear,
     apply_tensor_parallel,
@@ -204,6 +205,12 @@ def _dropout(rank, world_size):
         sharded_draw = torch.rand(4)
     replicated_draw = torch.rand(4)
     results = _plain({"sharded_draw": sharded_draw, "replicated_draw": replicated_draw})
+    # Without sequence parallelism only the attention dropout is sharded (heads): it must draw from the TP stream.
+    model = apply_tensor_parallel(_model(dropout=0.1))
+    tensor_parallel_manual_seed(1234)
+    before = get_rng_tracker().states[TP_RNG][0].clone()
+    model(*_batches()[0])
+    results["attention_used_tp_stream"] = not torch.equal(before, get_rng_tracker().states[TP_RNG][0])
     for sp in (False, True):
         runs = []
         for _ in range(2):
@@ -219,6 +226,7 @@ def test_dropout_is_reproducible_and_replicated_regions_agree():
     results = run_ranks(_dropout, 2)
     assert (results[0]["sharded_draw"] != results[1]["sharded_draw"]).all()  # per-rank stream
     assert (results[0]["replicated_draw"] == results[1]["replicated_draw"]).all()  # shared stream
+    assert results[0]["attention_used_tp_stream"]
     no_dropout_losses = _train(_model())[0]
     for sp in (False, True):
         (runs0, replicated0), (runs1, replicated1) = results[0][sp], results[1][sp]
