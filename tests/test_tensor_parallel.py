@@ -174,7 +174,7 @@ def _train_tp(rank, world_size):
     for sp, group in settings:
         reference = _model()
         model = apply_tensor_parallel(_model(), group, sequence_parallel=sp)
-        full = gather_full_state_dict(model, group)
+        full = gather_full_state_dict(model)  # the model's own group
         round_trip = all(torch.equal(t, reference.state_dict()[n]) for n, t in full.items())
         logits_match = torch.allclose(model(x)[0], reference(x)[0], atol=1e-5)  # no targets: the full logits
         losses, grads = _train(model, lambda m, g=group: _plain(gather_full_state_dict(m, g, grads=True)))

@@ -161,7 +161,7 @@ def tensor_parallel_manual_seed(seed: int, group=None) -> None:
     """Default generator: ``seed`` on every rank (replicated dropout agrees); tracker: one seed per TP rank."""
     torch.manual_seed(seed)
     _tracker.reset()
-    _tracker.add(TP_RNG, seed + 2718 + group_rank(group))  # Megatron's offset, so the two streams never coincide
+    _tracker.add(TP_RNG, seed + 2718 + group_rank(group))  # Megatron's offset: rank 0's stream != the default
 
 
 class ShardedDropout(nn.Dropout):
@@ -182,7 +182,8 @@ class ColumnParallelLinear(nn.Module):
     """Y = X·Aᵀ with A split by output features: rank r computes Y's columns r (no communication in forward).
 
     The input enters through f (all-reduce of its grad), or with ``sequence_parallel`` through an all-gather of
-    the sequence shards. ``gather_output`` all-gathers Y; usually Y feeds a RowParallelLinear instead."""
+    the sequence shards. ``gather_output`` all-gathers Y; usually Y feeds a RowParallelLinear instead. Built
+    directly, every rank draws the full initial weight (seed the ranks alike) and keeps its slice."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group=None, gather_output: bool = False,
                  sequence_parallel: bool = False, fused: int = 1):
@@ -309,7 +310,8 @@ class SequenceParallelLayerNorm(nn.LayerNorm):
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross-entropy of vocab-sharded logits: three all-reduces of (batch·seq) numbers, never the full logits."""
+    """Cross-entropy of vocab-sharded logits from all-reduces of (batch·seq) numbers only: the max, then the target
+    logit and the sum of exps (one all-reduce for both). The full logits are never gathered."""
 
     @staticmethod
     def forward(ctx, logits, targets, group, ignore_index):
@@ -435,14 +437,17 @@ def apply_tensor_parallel(model: GPT, tp_group=None, sequence_parallel: bool = F
         model.drop = ShardedDropout(model.drop.p)
     model.__class__ = TensorParallelGPT
     model.tp_group, model.sequence_parallel = tp_group, sp
-    return model
+    return model.train(model.training)  # the new modules take the model's train/eval mode
 
 
 @torch.no_grad()
 def gather_full_state_dict(tp_model: nn.Module, group=None, grads: bool = False) -> dict[str, torch.Tensor]:
     """The single-device state dict, on every rank: split tensors all-gathered and stitched back together.
 
-    ``grads=True`` gathers the gradients instead, under the same names (None where a parameter has none)."""
+    ``group`` defaults to the model's TP group (the world for bare layers). ``grads=True`` gathers the gradients
+    instead, under the same names (None where a parameter has none)."""
+    if group is None:
+        group = getattr(tp_model, "tp_group", None)
     full = {}
     for name, p in tp_model.state_dict(keep_vars=True).items():
         t = p.grad if grads else p
