@@ -1,6 +1,7 @@
 """Process-group setup that works the same under torchrun, under Slurm, and as one plain process.
 
     python -m labs_lib.dist                                   # one process: prints the all-reduce check
+    python -m labs_lib.dist --backend nccl                    # a group of one: the NCCL path on a one-GPU machine
     torchrun --nproc-per-node=2 -m labs_lib.dist              # 2 processes, gloo on CPU / NCCL on GPU
     srun --nodes=2 --ntasks-per-node=2 python -m labs_lib.dist   # Slurm tasks mapped to ranks
 
@@ -73,7 +74,8 @@ def _env_from_slurm() -> None:
 def init_distributed(backend: str | None = None, timeout_s: float = 300) -> DistInfo:
     """Join the process group described by the environment (torchrun, Slurm) or run as one process.
 
-    The backend is NCCL when CUDA is available, else gloo. Each process binds to GPU ``LOCAL_RANK``.
+    The backend is NCCL when CUDA is available, else gloo. Each process binds to GPU ``LOCAL_RANK``. A single
+    process joins a group of one only when ``backend`` is named (to exercise NCCL on a one-GPU machine).
     CPU threads are split between the processes on a node so that they do not oversubscribe the cores.
     """
     global _info
@@ -92,11 +94,13 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300) -> Dist
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
 
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or backend) and not dist.is_initialized():
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if backend == "nccl" else None)
-    elif world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), rank=rank,
+                                world_size=world_size, device_id=device if backend == "nccl" else None)
+    elif world_size == 1 and not dist.is_initialized():
         backend = None
     _info = DistInfo(rank, world_size, local_rank, local_world_size, backend, device)
     return _info
@@ -133,9 +137,12 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
 
 def main() -> None:
     """All-reduce check: every rank contributes rank+1; all must see world*(world+1)/2."""
+    import argparse
     import socket
 
-    info = init_distributed()
+    p = argparse.ArgumentParser(prog="python -m labs_lib.dist", description=main.__doc__)
+    p.add_argument("--backend", choices=("nccl", "gloo"), help="force a backend (also for a single process)")
+    info = init_distributed(p.parse_args().backend)
     t = torch.tensor([float(info.rank + 1)], device=info.device)
     if info.distributed:
         dist.all_reduce(t)
