@@ -1,10 +1,13 @@
-"""Pipeline parallelism by hand: cut the GPT into stages and run GPipe or 1F1B over point-to-point messages.
+"""Pipeline parallelism by hand: cut the GPT into stages, run GPipe or (interleaved) 1F1B over point-to-point messages.
 
     stage = partition_gpt(GPT(cfg), pp_rank=rank, pp_size=world)   # this rank's blocks (+ embeddings or head)
     schedule = OneFOneB(stage, micro_batches=8)                       # or GPipe(stage, 8)
     loss = schedule.step(idx, targets)   # forward + backward of every micro-batch: the full batch's gradients
     optimizer.step()                     # an optimizer over stage.parameters(): each rank updates its own stage
     schedule.idle_fraction()             # the bubble this rank measured during that step
+
+    chunks = [partition_gpt(model, rank, world, chunk=c, chunks=2) for c in range(2)]   # interleaved, v = 2
+    schedule = Interleaved1F1B(chunks, micro_batches=8)
 
 Stage r holds blocks [r·L/p, (r+1)·L/p); the first stage also the embeddings, the last ln_f and lm_head. Activations
 travel forward with ``dist.isend``/``irecv``, their gradients travel back the same way. The token embedding is tied
@@ -214,7 +217,7 @@ class PipelineSchedule:
         self.stages = [stages] if isinstance(stages, GPTStage) else list(stages)
         if [s.chunk for s in self.stages] != list(range(len(self.stages))):
             raise ValueError("pass one stage per model chunk of this rank, in chunk order (chunk=0, 1, …)")
-        self.first, self.last = self.stages[0], self.stages[-1]
+        self.first = self.stages[0]  # every chunk shares the rank's place in the pipeline
         self.micro_batches, self.loss_fn, self.compute_delay_s = micro_batches, loss_fn, compute_delay_s
         self._check(batch_size=micro_batches)  # everything but the batch size, which step() checks
         self.meter = ActivationMeter(nn.ModuleList(self.stages))
