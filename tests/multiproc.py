@@ -24,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, fn, args, queue, release):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
@@ -35,6 +35,9 @@ def _worker(rank, world_size, port, fn, args, queue):
         queue.put((rank, True, result))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
+    try:
+        # Tensors travel through shared memory that this process serves: stay alive until the parent has them.
+        release.wait(timeout=120)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -43,9 +46,9 @@ def _worker(rank, world_size, port, fn, args, queue):
 def run_ranks(fn, world_size: int, *args, timeout: float = 300) -> list:
     """``fn(rank, world_size, *args)`` on each of ``world_size`` gloo ranks; returns the results by rank."""
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue, release = ctx.Queue(), ctx.Event()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, release), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -65,6 +68,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 300) -> list:
             results[rank] = payload
         else:
             errors.append(f"rank {rank}:\n{payload}")
+    release.set()
     for p in procs:
         p.join(timeout=5 if errors else timeout)
         if p.is_alive():
