@@ -24,6 +24,9 @@ CFG = GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=2, n_embd=32, d
 STEPS = 10
 GLOBAL_BATCH = 8  # split evenly over 1, 2 or 4 ranks
 ATOL = 1e-5
+# Gradients reach ~0.1, where an fp32 ulp is ~1e-8; a sum instead of a mean would be off by ~0.1. (Adam hides such a
+# scale error in the parameters: it divides it out.)
+GRAD_ATOL = 1e-6
 FROZEN = "pos_emb.weight"  # a trainable-looking parameter switched off, to check that it is left alone
 # The attention key bias has a true gradient of exactly zero (softmax ignores a shift shared by all keys), so its
 # computed gradient is rounding noise (~1e-10) that differs with the order of the sums. Adam divides by
@@ -46,12 +49,18 @@ def batches() -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[..., :-1], tokens[..., 1:]
 
 
-def train(model, optimizer, world_size: int, rank: int = 0, finish=None, accumulate: int = 1) -> list[float]:
-    """STEPS optimizer steps on this rank's slice of each global batch; the loss of each step, averaged over ranks.
+def named_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in module.named_parameters(remove_duplicate=False) if p.grad is not None}
+
+
+def train(model, optimizer, world_size: int, rank: int = 0, finish=None, accumulate: int = 1,
+          read_grads=None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """STEPS optimizer steps on this rank's slice of each global batch: the loss of each step, averaged over ranks,
+    and ``read_grads()`` (full gradients by name) after the first backward, once they are synchronized.
 
     ``accumulate`` > 1 splits the slice into micro-batches, all but the last under ``model.no_sync()``."""
     inputs, targets = batches()
-    losses = []
+    losses, first_grads = [], {}
     for step in range(STEPS):
         x, y = inputs[step].chunk(world_size)[rank], targets[step].chunk(world_size)[rank]
         step_loss = 0.0
@@ -63,6 +72,8 @@ def train(model, optimizer, world_size: int, rank: int = 0, finish=None, accumul
             step_loss += loss.item()
         if finish is not None:
             finish()
+        if step == 0 and read_grads is not None:
+            first_grads = read_grads()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
@@ -70,14 +81,15 @@ def train(model, optimizer, world_size: int, rank: int = 0, finish=None, accumul
         mean = torch.tensor(losses, dtype=torch.float64)
         dist.all_reduce(mean)
         losses = (mean / world_size).tolist()
-    return losses
+    return losses, first_grads
 
 
-def reference(freeze: bool = True) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """One process, the whole global batch: the losses and the final parameters every parallel run must match."""
+def reference(freeze: bool = True) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One process, the whole global batch: the losses, final parameters and first gradients to match."""
     model = tiny_gpt(freeze)
-    losses = train(model, torch.optim.AdamW(model.parameters(), **ADAMW), world_size=1)
-    return losses, dict(model.named_parameters(remove_duplicate=False))
+    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
+    losses, grads = train(model, optimizer, world_size=1, read_grads=lambda: named_grads(model))
+    return losses, dict(model.named_parameters(remove_duplicate=False)), grads
 
 
 def max_diff(params: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> float:
@@ -85,8 +97,10 @@ def max_diff(params: dict[str, torch.Tensor], expected: dict[str, torch.Tensor])
     return max((params[n].detach().float() - expected[n].detach()).abs().max().item() for n in expected)
 
 
-def compare(losses, params, ref) -> dict[str, float]:
-    return {"loss": max(abs(a - b) for a, b in zip(losses, ref[0])), "params": max_diff(params, ref[1])}
+def compare(losses, params, grads, ref) -> dict[str, float]:
+    """Largest differences from the reference: step losses, final parameters, first (averaged) gradients."""
+    return {"loss": max(abs(a - b) for a, b in zip(losses, ref[0])), "params": max_diff(params, ref[1]),
+            "grads": max_diff(grads, ref[2])}
 
 
 def _data_parallel_variants(rank: int, world_size: int) -> dict:
@@ -97,9 +111,9 @@ def _data_parallel_variants(rank: int, world_size: int) -> dict:
         model = DataParallel(tiny_gpt(), bucket_size_mb=bucket_size_mb)
         optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
         initial_frozen = model.module.get_parameter(FROZEN).detach().clone()
-        losses = train(model, optimizer, world_size, rank, model.finish_gradient_synchronization, accumulate)
-        params = dict(model.module.named_parameters(remove_duplicate=False))
-        out[name] = compare(losses, params, ref)
+        losses, grads = train(model, optimizer, world_size, rank, model.finish_gradient_synchronization, accumulate,
+                              read_grads=lambda model=model: named_grads(model.module))
+        out[name] = compare(losses, dict(model.module.named_parameters(remove_duplicate=False)), grads, ref)
         frozen = model.module.get_parameter(FROZEN)
         out[name]["frozen_moved"] = (frozen - initial_frozen).abs().max().item()
         out[name]["frozen_has_grad"] = frozen.grad is not None
@@ -110,8 +124,9 @@ def _data_parallel_variants(rank: int, world_size: int) -> dict:
         out[name]["n_buckets"] = len(model.buckets)
 
     ddp = torch.nn.parallel.DistributedDataParallel(tiny_gpt())
-    losses = train(ddp, torch.optim.AdamW(ddp.parameters(), **ADAMW), world_size, rank)
-    out["torch_ddp"] = compare(losses, dict(ddp.module.named_parameters(remove_duplicate=False)), ref)
+    losses, grads = train(ddp, torch.optim.AdamW(ddp.parameters(), **ADAMW), world_size, rank,
+                          read_grads=lambda: named_grads(ddp.module))
+    out["torch_ddp"] = compare(losses, dict(ddp.module.named_parameters(remove_duplicate=False)), grads, ref)
     return out
 
 
@@ -123,8 +138,8 @@ def variants(request) -> list[dict]:
 @pytest.mark.parametrize("variant", ["per_param", "bucketed", "torch_ddp"])
 def test_matches_single_process_full_batch(variants, variant):
     for rank, result in enumerate(variants):
-        assert result[variant]["loss"] < ATOL, (rank, result[variant])
-        assert result[variant]["params"] < ATOL, (rank, result[variant])
+        r = result[variant]
+        assert r["loss"] < ATOL and r["params"] < ATOL and r["grads"] < GRAD_ATOL, (rank, r)
 
 
 def test_buckets_group_parameters(variants):
@@ -135,7 +150,8 @@ def test_buckets_group_parameters(variants):
 
 def test_no_sync_accumulation_equals_big_batch(variants):
     for result in variants:
-        assert result["no_sync"]["loss"] < ATOL and result["no_sync"]["params"] < ATOL, result["no_sync"]
+        r = result["no_sync"]
+        assert r["loss"] < ATOL and r["params"] < ATOL and r["grads"] < GRAD_ATOL, r
 
 
 def test_frozen_parameter_untouched_and_not_reduced(variants):
