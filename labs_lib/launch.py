@@ -1,14 +1,20 @@
 """Start multi-process training from a notebook without running it inside the kernel.
 
-Multi-process code never runs in the Jupyter kernel (spawn re-imports ``__main__``, pytorch#20375): the notebook
-calls :func:`torchrun`, which checks the configuration first (a bad one fails here, before any process starts),
-launches ``torchrun -m labs_lib.train`` as a child process, follows ``metrics.jsonl`` with a progress bar, and
-raises :class:`LaunchError` with the log's tail if the job fails.
+Multi-process code never runs in the Jupyter kernel (spawn re-imports ``__main__``, pytorch#20375). The notebook
+calls :func:`train`, which checks the configuration first (a bad one fails here, before any process starts), then
+submits ``slurm/train_gpt.sbatch`` to the Slurm cluster (``nodes`` x ``nproc_per_node`` ranks; the local cluster of
+simulated nodes is started if no site Slurm answers) and follows ``metrics.jsonl`` with a progress bar. Where Slurm
+cannot run (no root to install it, or ``LABS_LAUNCHER=torchrun``), it says so and runs the same training with
+:func:`torchrun` on this machine. A failed job raises :class:`LaunchError` (torchrun) or
+:class:`labs_lib.slurm.JobFailed` (Slurm), each with the exit code and the log's tail.
+
+    metrics = launch.train("build/runs/demo", nodes=2, nproc_per_node=2, max_steps=100)
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -88,7 +94,7 @@ def torchrun(out: str | Path, nproc: int = 2, profile: str | None = None, resume
     out = Path(out)
     args = train_args(out, profile, resume, **settings)
     _, train_cfg = check_training_config(args, nproc)
-    out.mkdir(parents=True, exist_ok=True)
+    _fresh(out, resume)
     log = out / "train.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "labs_lib.train", *args]
@@ -105,4 +111,66 @@ def torchrun(out: str | Path, nproc: int = 2, profile: str | None = None, resume
             raise
     if code != 0:
         raise LaunchError(f"training failed; full log: {log}", code, tail(log))
+    return read_metrics(out)
+
+
+def _fresh(out: Path, resume: bool) -> None:
+    """A run that does not resume starts from an empty folder (no stale checkpoints to resume by mistake)."""
+    if not resume and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def use_slurm() -> bool:
+    """True when training goes through Slurm: a site cluster, or the local one (started here if needed)."""
+    from labs_lib import slurm
+
+    if os.environ.get("LABS_LAUNCHER", "slurm") == "torchrun":
+        print("LABS_LAUNCHER=torchrun: launching with torchrun on this machine instead of Slurm")
+        return False
+    try:
+        slurm.ensure_local_cluster(quiet=True)
+        return True
+    except (slurm.SlurmUnavailable, RuntimeError) as e:
+        print(f"NOTICE: no Slurm cluster here ({str(e).strip().splitlines()[-1] if str(e).strip() else e}).\n"
+              "The same training runs with torchrun on this machine instead: one node, the same number of ranks.")
+        return False
+
+
+def train(out: str | Path, nodes: int = 2, nproc_per_node: int = 2, profile: str | None = None,
+          resume: bool = False, progress: bool = True, **settings) -> list[dict]:
+    """Train on ``nodes`` x ``nproc_per_node`` ranks as a Slurm job (slurm/train_gpt.sbatch); returns the metrics.
+
+    Settings are ``labs_lib.train``'s (``max_steps=100``, ``batch_size=8``, ...). Without Slurm, runs the same with
+    torchrun here. ``resume=False`` starts afresh in an emptied ``out``; ``resume=True`` continues its checkpoint.
+    """
+    from labs_lib import slurm
+    from labs_lib.config import default_profile_name
+    from labs_lib.train import read_metrics
+
+    out = Path(out).resolve()
+    world_size = nodes * nproc_per_node
+    args = train_args(out, profile, resume, **settings)
+    _, train_cfg = check_training_config(args, world_size)  # fails here, before a job exists
+    if not use_slurm():
+        return torchrun(out, world_size, profile, resume, progress, **settings)
+    _fresh(out, resume)
+    job = slurm.submit("train_gpt.sbatch", *args[3:], nodes=nodes, job_name=f"train_{out.name}", OUT=out,
+                       NPROC_PER_NODE=nproc_per_node, LABS_PROFILE=profile or default_profile_name())
+    print(f"submitted Slurm job {job.id}: {nodes} node(s) x {nproc_per_node} ranks; log {job.log_path}")
+    bar = tqdm(total=train_cfg.max_steps, desc=f"Slurm job {job.id}", unit="step", disable=not progress)
+    try:
+        while job.state not in slurm.DONE_OK | slurm.DONE_BAD:
+            records = read_metrics(out)
+            if records:
+                bar.n = records[-1]["step"]
+                bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
+                bar.refresh()
+            time.sleep(1.0)
+    except BaseException:  # a notebook interrupt cancels the job too
+        job.cancel()
+        raise
+    finally:
+        bar.close()
+    job.wait(progress=False)  # raises JobFailed / JobCancelled with the log's tail
     return read_metrics(out)
