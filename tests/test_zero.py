@@ -15,6 +15,7 @@ from multiproc import run_ranks
 from test_data_parallel import (
     ADAMW,
     ATOL,
+    CFG,
     FROZEN,
     GRAD_ATOL,
     batches,
@@ -134,6 +135,13 @@ def _zero_variants(rank: int, world_size: int) -> dict:
               model3.finish_gradient_synchronization, lambda m=model3: zero3_grads(m), model3.gather_full_params,
               model3.module)
 
+    inputs, targets = batches()
+    loss = model3(inputs[0].chunk(world_size)[rank], targets[0].chunk(world_size)[rank])[1]
+    after_forward = model3.gathered_bytes()
+    loss.backward()
+    model3.finish_gradient_synchronization()
+    out["zero3_gathered"] = {"after_forward": after_forward, "after_backward": model3.gathered_bytes()}
+
     for name, dtype in [("fsdp2", None), ("fsdp2_bf16", torch.bfloat16)]:
         fsdp = tiny_gpt()
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
@@ -176,6 +184,15 @@ def test_zero3_bf16_compute_within_bf16_tolerance_of_fp32(variants):
         worst_loss = max(abs(a - b) / b for a, b in zip(r["losses"], reference()[0]))
         assert r["grads_rel"] < BF16_GRAD_RTOL and worst_loss < BF16_LOSS_RTOL, (r["grads_rel"], worst_loss)
         assert r["grads_rel"] > 2**-12  # bf16 really ran: fp32 would agree to ~1e-7
+
+
+def test_zero3_full_parameters_live_only_while_needed(variants):
+    """After forward only the root unit (embeddings, final norm, tied head: backward starts there) is whole, in
+    bf16 here; after backward and the reduce-scatters nothing is."""
+    r = variants[0]["zero3_gathered"]
+    embedding_and_norm = (tiny_gpt().tok_emb.weight.numel() + tiny_gpt().pos_emb.weight.numel() + 2 * CFG.n_embd)
+    assert r["after_forward"] == {"": 2 * embedding_and_norm, "blocks.0": 0, "blocks.1": 0}, r
+    assert all(v == 0 for v in r["after_backward"].values()), r
 
 
 @pytest.mark.parametrize("variant", ["dp", "zero1", "zero2", "zero3", "zero3_bf16"])

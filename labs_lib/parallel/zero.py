@@ -375,7 +375,7 @@ class FullyShardedModule(nn.Module):
             unit.register_forward_hook(self._after_unit_forward)
 
     def _prefix(self, unit: nn.Module) -> str:
-        return next(f"{name}." for name, m in self.module.named_modules() if m is unit)
+        return next(f"{name}." if name else "" for name, m in self.module.named_modules() if m is unit)
 
     @staticmethod
     def _check_no_parameter_shared_between_units(slots_of: dict) -> None:
@@ -417,6 +417,12 @@ class FullyShardedModule(nn.Module):
         for flat in self.flat_params:
             flat.finish_reduce_scatter()
             flat.free()  # frozen units and the root's frozen part have no backward of their own to free them
+
+    def gathered_bytes(self) -> dict[str, int]:
+        """Bytes of full (gathered) parameters alive right now, per unit ("" is the root): watch them come and go."""
+        names = {unit: self._prefix(unit).rstrip(".") for unit in self._flat_params_of}
+        return {names[unit]: sum(f.full.untyped_storage().nbytes() for f in flats if f.full is not None)
+                for unit, flats in self._flat_params_of.items()}
 
     @torch.no_grad()
     def gather_full_params(self) -> dict[str, torch.Tensor]:
