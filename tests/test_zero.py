@@ -8,6 +8,8 @@ the tests below only read them.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -29,7 +31,14 @@ from test_data_parallel import (
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from labs_lib.parallel.data_parallel import DataParallel
-from labs_lib.parallel.zero import FullyShardedModule, ShardedOptimizer, held_bytes, zero_bytes_per_rank
+from labs_lib.parallel.zero import (
+    FullyShardedModule,
+    ShardedOptimizer,
+    _AllReduceThenSlice,
+    held_bytes,
+    reduce_scatter,
+    zero_bytes_per_rank,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +131,16 @@ def _zero_variants(rank: int, world_size: int) -> dict:
     out["zero1"]["state_numels"] = [s["exp_avg"].numel() for s in state["state"].values()]
     out["zero1"]["shard_numels"] = [b.layout.shard_numel for b in zero1.buckets]
     out["zero1"]["lr_visible"] = zero1.param_groups[0]["lr"]
+    # Resume: a fresh model and optimizer loaded from (params, this rank's state_dict) take the same next step.
+    twin = DataParallel(tiny_gpt(), bucket_size_mb=BUCKET_MB)
+    twin.module.load_state_dict(model1.module.state_dict())
+    twin_zero1 = ShardedOptimizer(twin.parameters(), torch.optim.AdamW, bucket_size_mb=BUCKET_MB, **ADAMW)
+    twin_zero1.load_state_dict(copy.deepcopy(zero1.state_dict()))
+    zero1.zero_grad()
+    for model, optimizer in ((model1, zero1), (twin, twin_zero1)):
+        _after_one_more_step(model, optimizer, model.finish_gradient_synchronization, rank, world_size)
+    out["zero1"]["resume_diff"] = max_diff(dict(twin.module.named_parameters(remove_duplicate=False)),
+                                           dict(model1.module.named_parameters(remove_duplicate=False)))
 
     model2 = tiny_gpt()
     zero2 = ShardedOptimizer(model2.parameters(), torch.optim.AdamW, shard_gradients=True,
@@ -134,6 +153,13 @@ def _zero_variants(rank: int, world_size: int) -> dict:
         check(name, 3, model3, torch.optim.AdamW(model3.parameters(), **ADAMW),
               model3.finish_gradient_synchronization, lambda m=model3: zero3_grads(m), model3.gather_full_params,
               model3.module)
+
+    x = torch.arange(world_size * 3, dtype=torch.float32) * (rank + 1)
+    real, fallback = torch.empty(3), torch.empty(3)
+    reduce_scatter(real, x.clone()).wait()
+    _AllReduceThenSlice(fallback, x.clone(), None).wait()
+    expected = torch.arange(rank * 3, rank * 3 + 3) * world_size * (world_size + 1) / 2
+    out["reduce_scatter"] = {"real": real.tolist(), "fallback": fallback.tolist(), "expected": expected.tolist()}
 
     inputs, targets = batches()
     loss = model3(inputs[0].chunk(world_size)[rank], targets[0].chunk(world_size)[rank])[1]
@@ -210,7 +236,14 @@ def test_held_bytes_per_rank_match_the_zero_formula(variants, variant):
             assert measured == pytest.approx(expected, rel=0.01), (variant, kind, measured, expected)
 
 
-def test_sharded_optimizer_state_is_this_ranks_shard_only(variants):
+def test_sharded_optimizer_state_is_this_ranks_shard_and_resumes(variants):
     for result in variants:
         r = result["zero1"]
         assert r["state_numels"] == r["shard_numels"] and r["lr_visible"] == ADAMW["lr"]
+        assert r["resume_diff"] == 0
+
+
+def test_reduce_scatter_fallback_gives_the_same_slices(variants):
+    for result in variants:
+        r = result["reduce_scatter"]
+        assert r["real"] == r["fallback"] == r["expected"], r

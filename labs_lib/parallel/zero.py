@@ -352,6 +352,8 @@ class FullyShardedModule(nn.Module):
     ``compute_dtype`` (e.g. torch.bfloat16): the parameters are all-gathered in that dtype and forward/backward run
     in it; shards, gradients after reduction and the optimizer stay fp32. ``parameters()`` yields the shards:
     build the optimizer on them. Call ``finish_gradient_synchronization()`` after backward, before the step.
+    Activation checkpointing goes inside a unit (checkpoint the block's ``forward``): the recompute then runs
+    between the unit's re-gather and its reduce-scatter, with its parameters whole.
     """
 
     def __init__(self, module: nn.Module, compute_dtype: torch.dtype | None = None, process_group=None, units=None):
