@@ -67,7 +67,7 @@ def _after_one_more_step(model, optimizer, finish, rank: int, world_size: int) -
 
 def _unshard(layout, shard: torch.Tensor, shapes) -> list[torch.Tensor]:
     """All ranks' shards put back together, as views shaped like the original tensors."""
-    full = torch.empty(layout.padded_numel, dtype=shard.dtype)
+    full = shard.new_empty(layout.padded_numel)
     dist.all_gather_single(full, shard.detach().contiguous())
     return layout.views(full, shapes)
 

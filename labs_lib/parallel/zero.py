@@ -59,7 +59,7 @@ class _AllReduceThenSlice:
 
 def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group=None):
     """Launch a sum of ``input`` over the ranks of which this rank keeps slice ``rank`` in ``output``; returns a
-    handle to ``wait()`` on.
+    handle to ``wait()`` on. ``input`` may be overwritten.
 
     gloo implements reduce-scatter on torch 2.13 (checked); where a backend does not, the fallback all-reduces and
     keeps the slice. The memory saving is then logical, not communication-optimal: the rank still keeps 1/N of the
@@ -89,9 +89,10 @@ class FlatShard:
     def views(self, flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
         return [flat[o:o + n].view(s) for o, n, s in zip(self.offsets, self.numels, shapes)]
 
-    def shard_of(self, tensors: list[torch.Tensor | None], dtype: torch.dtype) -> torch.Tensor:
-        """This rank's shard of the flattened ``tensors`` (None counts as zeros), copying only the overlapping parts."""
-        out = torch.zeros(self.shard_numel, dtype=dtype)
+    def shard_of(self, tensors: list[torch.Tensor | None], like: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of the flattened ``tensors`` (None counts as zeros), copying only the overlapping parts;
+        dtype and device of ``like``."""
+        out = like.new_zeros(self.shard_numel)
         for t, offset, n in zip(tensors, self.offsets, self.numels):
             lo, hi = max(offset, self.start), min(offset + n, self.end)
             if t is not None and lo < hi:
@@ -123,7 +124,7 @@ class _OptimizerBucket:
         flat_grad = self.layout.flatten([p.grad for p in self.params])
         for p in self.params:
             p.grad = None  # the full gradients are gone once they are in the message: that is the ZeRO-2 saving
-        out = torch.empty(self.layout.shard_numel, dtype=flat_grad.dtype)
+        out = flat_grad.new_empty(self.layout.shard_numel)
         self.pending = (reduce_scatter(out, flat_grad, self.process_group), out, flat_grad)
 
     def finish_reduce_scatter(self) -> None:
@@ -152,7 +153,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     Each param group's trainable parameters are split into buckets of ~``bucket_size_mb`` and each bucket into N
     equal flat shards; the inner ``optimizer_cls(..., **kwargs)`` holds state only for this rank's shards. After
-    its step, every rank all-gathers the updated shards into the parameters (which are views of the buckets).
+    its step, every rank all-gathers the updated shards into the parameters (which are views of the buckets from
+    now on: build the optimizer after moving the model to its device).
 
     ZeRO-1 expects gradients already averaged over the ranks (wrap the model in DataParallel). With
     ``shard_gradients=True`` (ZeRO-2) use the plain model instead: a hook per parameter reduce-scatters each bucket
@@ -218,12 +220,13 @@ class ShardedOptimizer(torch.optim.Optimizer):
             inner.update(self._hyperparameters(group))
         self.finish_gradient_synchronization()
         for b in self.buckets:
-            if not self.shard_gradients:  # ZeRO-1: cut this rank's slice out of the full, already averaged gradients
-                b.grad_shard = b.layout.shard_of([p.grad for p in b.params], b.flat.dtype)
+            if not self.shard_gradients and any(p.grad is not None for p in b.params):
+                # ZeRO-1: cut this rank's slice out of the full, already averaged gradients
+                b.grad_shard = b.layout.shard_of([p.grad for p in b.params], like=b.flat)
             b.shard.grad = b.grad_shard
         self.optimizer.step()
         # Each rank updated only its shard: gather everyone's (the input is a copy, it lies inside the output).
-        work = [(_all_gather(b.flat, b.shard.clone(), group=self.process_group, async_op=True)) for b in self.buckets]
+        work = [_all_gather(b.flat, b.shard.clone(), group=self.process_group, async_op=True) for b in self.buckets]
         for w in work:
             w.wait()
         if not self.shard_gradients:
@@ -292,7 +295,7 @@ class _FlatParameter(nn.Module):
         self.pending: list = []  # reduce-scatters in flight: (handle, output, input)
 
     def all_gather(self) -> torch.Tensor:
-        full = torch.empty(self.layout.padded_numel, dtype=self.compute_dtype)
+        full = self.shard.new_empty(self.layout.padded_numel, dtype=self.compute_dtype)
         _all_gather(full, self.shard.detach().to(self.compute_dtype), group=self.process_group)
         return full
 
@@ -317,7 +320,7 @@ class _FlatParameter(nn.Module):
 
     def launch_reduce_scatter(self, full_grad: torch.Tensor) -> None:
         full_grad = full_grad.to(torch.float32).contiguous()  # reduce in fp32 whatever the compute dtype
-        out = torch.empty(self.layout.shard_numel, dtype=torch.float32)
+        out = full_grad.new_empty(self.layout.shard_numel)
         self.pending.append((reduce_scatter(out, full_grad, self.process_group), out, full_grad))
         self.free()  # backward is done with this unit's parameters
 
@@ -431,7 +434,7 @@ class FullyShardedModule(nn.Module):
         """Every parameter whole, in fp32, under its original name (tied names share one tensor); on every rank."""
         out = {}
         for flat in self.flat_params:
-            full = torch.empty(flat.layout.padded_numel, dtype=flat.shard.dtype)
+            full = flat.shard.new_empty(flat.layout.padded_numel)
             _all_gather(full, flat.shard.detach(), group=self.process_group)
             views = flat.layout.views(full, flat.shapes)
             for _, _, name, i in flat.slots:
