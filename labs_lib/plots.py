@@ -55,3 +55,104 @@ def plot_timeline(trace_paths: dict[int, str], step: int = 0, ax=None):
     ax.set(xlabel="time within the step (ms)", title="compute vs communication per rank")
     ax.legend(loc="upper right")
     return ax
+
+
+# ---------------------------------------------------------------------------------------------------- pipelines
+
+_PIPELINE_COLORS = {"forward": ("tab:blue", "lightskyblue"), "backward": ("tab:green", "yellowgreen"),
+                    "recv": "#f4a6a6", "send": "tab:purple", "idle": "0.8"}
+
+
+def plot_pipeline_timeline(results: list[dict], title: str | None = None, ax=None):
+    """Gantt chart of one pipeline step, one row per rank (``labs_lib.parallel.pipeline_run`` results).
+
+    Forward and backward boxes carry their micro-batch number (a second model chunk of interleaved 1F1B in a lighter
+    shade, its number primed); thin bars show waiting for a neighbour's message (recv), posting sends, and the idle
+    end of the step."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(11, 0.9 + 0.7 * len(results)))
+    span = max(e["end"] for r in results for e in r["timeline"]) * 1e3
+    labelled = set()
+    for r in results:
+        row = -r["rank"]  # rank 0 on top
+        for e in r["timeline"]:
+            start, width = e["start"] * 1e3, (e["end"] - e["start"]) * 1e3
+            kind = e["kind"]
+            if kind in ("forward", "backward"):
+                color = _PIPELINE_COLORS[kind][min(e["chunk"], 1)]
+                label = kind + (f" (chunk {e['chunk']})" if r.get("chunks", 1) > 1 else "")
+                ax.broken_barh([(start, width)], (row - 0.4, 0.8), facecolors=color, edgecolor="white", lw=0.5,
+                               label=None if label in labelled else label)
+                labelled.add(label)
+                if width > span / 90:
+                    ax.text(start + width / 2, row, f"{e['micro_batch']}" + "'" * e["chunk"], ha="center",
+                            va="center", color="white", fontsize=7, fontweight="bold")
+            else:
+                label = {"recv": "recv (waiting for a neighbour)", "send": "send",
+                         "idle": "idle (end of step)"}[kind]
+                ax.broken_barh([(start, max(width, span / 500))], (row - 0.12, 0.24),
+                               facecolors=_PIPELINE_COLORS[kind], label=None if label in labelled else label)
+                labelled.add(label)
+    first = results[0]
+    ax.set_yticks([-r["rank"] for r in results], [f"rank {r['rank']}" for r in results])
+    ax.set(xlabel="time within the step (ms)", xlim=(0, span * 1.01),
+           title=title or (f"{first['schedule']}: p={first['pp']}, m={first['micro_batches']}"
+                           + (f", v={first['chunks']}" if first.get("chunks", 1) > 1 else "")
+                           + f" — step {first['shown_step']}"))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    return ax
+
+
+def plot_bubble(measured: dict[int, float], pp: int, chunks: int = 1, label: str | None = None, ax=None):
+    """Measured bubble (idle share of the step) per number of micro-batches m, against (p−1)/(v·m+p−1)."""
+    import numpy as np
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    ms = sorted(measured)
+    grid = np.geomspace(min(ms), max(ms), 100)
+    v = f"{chunks}·" if chunks > 1 else ""
+    line, = ax.plot(grid, (pp - 1) / (chunks * grid + pp - 1), "-", lw=1,
+                    label=f"formula (p−1)/({v}m+p−1), p={pp}")
+    ax.plot(ms, [measured[m] for m in ms], "o", color=line.get_color(), label=label or "measured")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ms, [str(m) for m in ms])
+    ax.set(xlabel="micro-batches per step m", ylim=(0, 1),
+           ylabel="bubble = idle / total step time\n(GPipe convention)", title="pipeline bubble vs micro-batches")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_pipeline_memory(in_flight: dict[str, dict[int, int]], activation_mb: dict[str, dict[int, float]], pp: int,
+                         axes=None):
+    """Peak in-flight micro-batches and peak activation memory of stage 0 per m, GPipe vs 1F1B, with the formulas.
+
+    ``in_flight`` / ``activation_mb``: ``{schedule: {m: value}}`` for "gpipe" and "1f1b". Formulas: GPipe keeps all
+    m micro-batches (the whole batch's activations, whatever m), 1F1B at most min(p, m) (a share min(p, m)/m of the
+    batch's), anchored on GPipe's measured memory at the smallest m."""
+    import numpy as np
+
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(12, 4))
+    formulas = {"gpipe": ("m", lambda m: m), "1f1b": (f"min(p, m), p={pp}", lambda m: np.minimum(pp, m))}
+    batch = activation_mb["gpipe"][min(activation_mb["gpipe"])]  # GPipe keeps the whole batch's activations
+    all_m = sorted({m for values in in_flight.values() for m in values})
+    grid = np.array(all_m, dtype=float)
+    for name, values in in_flight.items():
+        text, f = formulas[name]
+        ms = sorted(values)
+        line, = axes[0].plot(grid, f(grid), "-", lw=1, label=f"{name} formula: {text}")
+        axes[0].plot(ms, [values[m] for m in ms], "o", color=line.get_color(), label=f"{name} measured")
+        mb = activation_mb[name]
+        line, = axes[1].plot(grid, batch * f(grid) / grid, "-", lw=1, color=line.get_color(),
+                             label=f"{name} formula: batch × {text}/m")
+        axes[1].plot(sorted(mb), [mb[m] for m in sorted(mb)], "o", color=line.get_color(), label=f"{name} measured")
+    for ax, ylabel in zip(axes, ("micro-batches kept for backward", "activation memory kept (MB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_m, [str(m) for m in all_m])
+        ax.set(xlabel="micro-batches per step m (same global batch)", ylabel=ylabel, ylim=(0, None),
+               title=f"stage 0, peak over the step: {ylabel.split(' kept')[0]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return axes
