@@ -53,7 +53,7 @@ MODEL_PRESETS: dict[str, dict] = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),
     "gpt3-2.7b": dict(n_layer=32, n_head=32, n_embd=2560, block_size=2048),
     "gpt3-6.7b": dict(n_layer=32, n_head=32, n_embd=4096, block_size=2048),
-    "gpt3-13b": dict(n_layer=40, n_head=40, n_embd=5140, block_size=2048),
+    "gpt3-13b": dict(n_layer=40, n_head=40, n_embd=5120, block_size=2048),  # table 2.1 says 5140; 40 x 128 = 5120
     "gpt3-175b": dict(n_layer=96, n_head=96, n_embd=12288, block_size=2048),
 }
 
@@ -98,11 +98,18 @@ class ParallelConfig:
     dp: int | None = None  # None: whatever is left of the world after tp and pp
     tp: int = 1
     pp: int = 1
+    sequence_parallel: bool = False  # split LayerNorm/dropout activations along the sequence (needs tp > 1)
+    micro_batches: int = 1  # pipeline micro-batches per batch (pp > 1)
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved-1f1b
+    pp_chunks: int = 1  # model chunks per pipeline rank (interleaved-1f1b: >= 2)
 
     def resolved(self, world_size: int) -> ParallelConfig:
         if self.dp is not None:
             return self
         return replace(self, dp=max(world_size // (self.tp * self.pp), 1))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass

@@ -22,8 +22,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from labs_lib.config import ParallelConfig, validate
-
 
 class LaunchError(RuntimeError):
     def __init__(self, message: str, returncode: int, log_tail: str):
@@ -49,13 +47,15 @@ def train_args(out: str | Path, profile: str | None = None, resume: bool = False
 
 
 def check_training_config(args: list[str], world_size: int):
-    """Parse and validate exactly what the training processes will see; raise ValueError naming the fix.
+    """Parse and validate exactly what the training processes will see, the DP x TP x PP layout on ``world_size``
+    ranks included; raise ValueError naming the fix.
 
     Returns the (model, train) configs."""
+    from labs_lib.parallel.mesh import check_layout
     from labs_lib.train import build_parser, configs_from_args
 
-    model_cfg, train_cfg = configs_from_args(build_parser().parse_args(args))
-    validate(model_cfg, train_cfg, ParallelConfig(), world_size)
+    model_cfg, train_cfg, parallel = configs_from_args(build_parser().parse_args(args))
+    check_layout(model_cfg, train_cfg, parallel, world_size)
     return model_cfg, train_cfg
 
 
@@ -155,9 +155,10 @@ def train(out: str | Path, nodes: int = 2, nproc_per_node: int = 2, profile: str
     if not use_slurm():
         return torchrun(out, world_size, profile, resume, progress, **settings)
     _fresh(out, resume)
-    job = slurm.submit("train_gpt.sbatch", *args[3:], nodes=nodes, job_name=f"train_{out.name}", OUT=out,
+    job = slurm.submit("train_gpt.sbatch", *args[3:], nodes=nodes, job_name=f"train_{out.name}",
+                       output=out / "train.log", OUT=out,
                        NPROC_PER_NODE=nproc_per_node, LABS_PROFILE=profile or default_profile_name())
-    print(f"submitted Slurm job {job.id}: {nodes} node(s) x {nproc_per_node} ranks; log {job.log_path}")
+    print(f"submitted Slurm job {job.id}: {nodes} node(s) x {nproc_per_node} ranks; log {out / 'train.log'}")
     bar = tqdm(total=train_cfg.max_steps, desc=f"Slurm job {job.id}", unit="step", disable=not progress)
     try:
         while job.state not in slurm.DONE_OK | slurm.DONE_BAD:

@@ -27,7 +27,10 @@ def test_committed_without_outputs(path):
 def test_runs_headless(path, tmp_path, monkeypatch):
     monkeypatch.setenv("LABS_PROFILE", "ci")
     monkeypatch.setenv("LABS_RUNS_DIR", str(tmp_path / "runs"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend: figures become outputs
     nb = nbformat.read(path, as_version=4)
     client = NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
     client.execute()  # raises CellExecutionError, with the cell and traceback, if any cell fails
+    shows = sum("plt.show()" in c.source for c in nb.cells if c.cell_type == "code")
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert images >= shows, f"{path.name}: {shows} cells call plt.show() but only {images} figures were drawn"
