@@ -111,6 +111,13 @@ def _data_parallel_variants(rank: int, world_size: int) -> dict:
         model = DataParallel(tiny_gpt(), bucket_size_mb=bucket_size_mb)
         optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
         initial_frozen = model.module.get_parameter(FROZEN).detach().clone()
+        # When backward reaches the embeddings (its last work), how many all-reduces are already on their way?
+        in_flight = []
+
+        def count_in_flight(module, args, output, model=model, in_flight=in_flight):
+            output.register_hook(lambda grad: in_flight.append(len(model._launched)))
+
+        model.module.drop.register_forward_hook(count_in_flight)
         losses, grads = train(model, optimizer, world_size, rank, model.finish_gradient_synchronization, accumulate,
                               read_grads=lambda model=model: named_grads(model.module))
         out[name] = compare(losses, dict(model.module.named_parameters(remove_duplicate=False)), grads, ref)
@@ -122,6 +129,7 @@ def _data_parallel_variants(rank: int, world_size: int) -> dict:
         out[name]["tied_is_one_tensor"] = model.module.lm_head.weight is tied
         out[name]["tied_reduced_times"] = sum(p is tied for b in model.buckets for p in b.params)
         out[name]["n_buckets"] = len(model.buckets)
+        out[name]["in_flight_before_backward_ends"] = max(in_flight)  # no_sync backwards send nothing
 
     ddp = torch.nn.parallel.DistributedDataParallel(tiny_gpt())
     losses, grads = train(ddp, torch.optim.AdamW(ddp.parameters(), **ADAMW), world_size, rank,
@@ -140,6 +148,14 @@ def test_matches_single_process_full_batch(variants, variant):
     for rank, result in enumerate(variants):
         r = result[variant]
         assert r["loss"] < ATOL and r["params"] < ATOL and r["grads"] < GRAD_ATOL, (rank, r)
+
+
+def test_all_reduces_overlap_backward(variants):
+    """Communication starts while backward still runs: all buckets but the embedding's are sent before backward
+    reaches the embeddings."""
+    for result in variants:
+        for variant in ("per_param", "bucketed", "no_sync"):
+            assert result[variant]["in_flight_before_backward_ends"] >= result[variant]["n_buckets"] - 1
 
 
 def test_buckets_group_parameters(variants):

@@ -311,7 +311,8 @@ class _FlatParameter(nn.Module):
         if self.full is None or self.full.untyped_storage().nbytes() > 0:
             return
         self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
-        with torch.autograd._unsafe_preserve_version_counter(self.full):  # same values again: not a modification
+        # Same values again, not a modification: keep autograd's version check quiet (FSDP2 does the same).
+        with torch.autograd._unsafe_preserve_version_counter(self.full):
             _all_gather(self.full, self.shard.detach().to(self.compute_dtype), group=self.process_group)
 
     def free(self) -> None:
