@@ -22,9 +22,11 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
-lab: setup  ## JupyterLab on 127.0.0.1 with a token, opened at notebooks/
+lab: setup  ## JupyterLab on 127.0.0.1 with a token, opened at notebooks/ (and a Slurm cluster waiting)
 	@mkdir -p build/jupyter
-	@token=$${JUPYTER_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))')}; \
+	@$(BIN)/python -m labs_lib.slurm up || echo "NOTICE: no Slurm cluster; the labs launch their jobs with torchrun"
+	@[ -f build/slurm/env.sh ] && [ -z "$${SLURM_CONF:-}" ] && . build/slurm/env.sh; \
+	token=$${JUPYTER_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))')}; \
 	echo "JupyterLab: http://127.0.0.1:$${JUPYTER_PORT:-8888}/lab?token=$$token"; \
 	$(JUPYTER_ENV) PATH=$(CURDIR)/$(BIN):$$PATH exec $(BIN)/jupyter lab --no-browser --ip=127.0.0.1 \
 		--port=$${JUPYTER_PORT:-8888} --ServerApp.root_dir=$(CURDIR)/notebooks \
@@ -39,7 +41,8 @@ bench: setup  ## every benchmark; tables in benchmarks/results/README.md
 lint: setup
 	$(BIN)/ruff check .
 
-clean:
+clean:  ## stop the local Slurm cluster, delete build/ (runs, caches, logs)
+	-bash slurm/local/down.sh
 	rm -rf build
 
 .PHONY: slurm-up slurm-down
