@@ -16,8 +16,9 @@ Plain data parallelism repeats everything on every rank. With fp32 Adam that is 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)           # the parameters are this rank's shards
     model(x, y)[1].backward(); model.finish_gradient_synchronization(); optimizer.step()
 
-Layout (all stages): parameters are flattened into one fp32 buffer, padded to a multiple of N and cut into N equal
-contiguous shards; rank r owns shard r (``FlatShard``). Whole parameters per rank would be simpler to read, but a
+Layout (all stages): parameters are flattened into flat buffers (one per ~bucket_size_mb bucket for stages 1-2,
+one per unit for stage 3), each padded to a multiple of N and cut into N equal contiguous shards; rank r owns shard
+r of every buffer (``FlatShard``). Whole parameters per rank would be simpler to read, but a
 small GPT's sizes are very uneven (the tied embedding is a large share of it), so ranks would hold unequal parts;
 the flat layout gives each rank exactly 1/N (plus fewer than N elements of padding per buffer), and one collective
 per buffer instead of one per parameter. Frozen parameters (``requires_grad=False``) are kept apart: a flat shard
