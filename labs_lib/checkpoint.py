@@ -6,6 +6,7 @@ Layout of a run's ``checkpoints/`` folder::
         model.safetensors   weights (tied weights stored once, their aliases in meta.json)
         optimizer.safetensors + the optimizer's scalar state in meta.json
         rng_rank0.safetensors, rng_rank1.safetensors, ...   every rank's RNG state
+        optimizer_pp0_tp1.safetensors + .json ...   tensor/pipeline-parallel runs: each shard's optimizer state
         meta.json           step, configs, data position, anything JSON
     latest                  the name of the newest complete checkpoint
 
@@ -98,8 +99,20 @@ def begin(ckpt_dir: Path, step: int) -> Path:
     return tmp
 
 
-def write_rank_state(tmp: Path, rank: int) -> None:
-    _save_tensors(rng_state(), tmp / f"rng_rank{rank}.safetensors")
+def write_rank_state(tmp: Path, rank: int, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """This rank's RNG state, plus ``extra`` tensors (e.g. the tensor-parallel dropout generator's state)."""
+    _save_tensors({**rng_state(), **(extra or {})}, tmp / f"rng_rank{rank}.safetensors")
+
+
+def write_optimizer_shard(tmp: Path, name: str, optimizer_state: dict) -> None:
+    """The optimizer state of one model shard (``name``: its place in the tensor/pipeline layout). Kept per shard
+    rather than gathered: resuming needs the same tp and pp, while the weights stay single-device."""
+    tensors, meta = _flatten_optimizer(optimizer_state)
+    _save_tensors(tensors, tmp / f"optimizer_{name}.safetensors")
+    with open(tmp / f"optimizer_{name}.json", "w") as f:
+        json.dump(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_main_state(tmp: Path, model_state: dict[str, torch.Tensor], optimizer_state: dict | None,
@@ -174,8 +187,18 @@ def load_optimizer_state(path: Path) -> dict:
     return _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), load_meta(path)["optimizer"])
 
 
-def load_rank_state(path: Path, rank: int) -> None:
-    """Restore this rank's RNG state (missing when the world size changed: then keep the fresh seed)."""
+def load_optimizer_shard(path: Path, name: str) -> dict:
+    path = Path(path)
+    meta = json.loads((path / f"optimizer_{name}.json").read_text())
+    return _unflatten_optimizer(load_file(str(path / f"optimizer_{name}.safetensors")), meta)
+
+
+def load_rank_state(path: Path, rank: int) -> dict[str, torch.Tensor] | None:
+    """Restore this rank's RNG state (missing when the world size changed: then keep the fresh seed). Returns what
+    the file holds, extras included, or None."""
     file = Path(path) / f"rng_rank{rank}.safetensors"
-    if file.exists():
-        set_rng_state(load_file(str(file)))
+    if not file.exists():
+        return None
+    states = load_file(str(file))
+    set_rng_state(states)
+    return states

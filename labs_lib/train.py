@@ -4,10 +4,18 @@
     torchrun --standalone --nproc-per-node=2 -m labs_lib.train --profile ci --out build/runs/ddp
     sbatch slurm/train_gpt.sbatch --max-steps 200                                # 2 nodes x 2 processes
     python -m labs_lib.train --profile ci --out build/runs/demo --resume         # continue from "latest"
+    torchrun --standalone --nproc-per-node=8 -m labs_lib.train --profile ci --out build/runs/3d \
+        --tp 2 --pp 2 --micro-batches 4                                          # 2 replicas x 2 stages x 2 TP
 
 Data parallelism is torch's DistributedDataParallel. Each optimizer step sees ``batch_size x grad_accum x world``
 sequences; the data loader hands every rank a disjoint slice of the same global batch, so 2 ranks with batch 4
-see exactly what 1 process with batch 8 sees (and log the same losses). Outputs in ``--out``:
+see exactly what 1 process with batch 8 sees (and log the same losses).
+
+With ``--tp`` / ``--pp`` the ranks form a DP x TP x PP mesh (labs_lib.parallel.mesh): the single-device GPT is
+split by tensor parallelism, cut into pipeline stages, and each of the ``dp`` replicas of that pipeline reads its
+own slice of the global batch (``batch_size x grad_accum x dp`` sequences per step). Checkpoints stay single-device
+(weights gathered on save, sharded again on resume); the optimizer state is saved per shard, so resuming needs the
+same ``--tp``/``--pp``/``--pp-chunks``. Outputs in ``--out``:
 
     metrics.jsonl   one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, ... (+ val_loss)
     config.json     the resolved model / train settings and world size
@@ -33,10 +41,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from labs_lib import checkpoint
-from labs_lib.config import GPTConfig, ParallelConfig, TrainConfig, get_profile, override, validate
+from labs_lib.config import GPTConfig, ParallelConfig, TrainConfig, get_profile, override
 from labs_lib.data import TokenBatches, eval_batches, prepare_data
 from labs_lib.dist import DistInfo, all_reduce_mean, cleanup, init_distributed, print0
 from labs_lib.model import GPT
+from labs_lib.parallel.mesh import Mesh, build_mesh, check_layout
+from labs_lib.parallel.parallel3d import Parallel3D
+from labs_lib.parallel.pipeline import SCHEDULES
+from labs_lib.parallel.tensor_parallel import TP_RNG, get_rng_tracker, tensor_parallel_manual_seed
 from labs_lib.profiling import profile_steps
 
 # Fault injection for the resume tests: SIGKILL this process after the given step, or halfway through writing
@@ -85,11 +97,12 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         os.replace(tmp, path)
 
 
-def all_reduce_gradients(model: torch.nn.Module, world_size: int) -> None:
-    """Average all gradients in one flat all-reduce after backward (the no-overlap baseline of lab 02)."""
+def all_reduce_gradients(model: torch.nn.Module, world_size: int, group=None) -> None:
+    """Average all gradients over ``group`` (of ``world_size`` ranks) in one flat all-reduce after backward (the
+    no-overlap baseline of lab 02; the data parallelism of a tensor/pipeline-parallel run)."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=group)
     flat /= world_size
     for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(chunk.view_as(g))
@@ -112,15 +125,39 @@ def evaluate(model: torch.nn.Module, batches: list, cfg: TrainConfig, device: to
     return all_reduce_mean(sum(losses) / len(losses))
 
 
-def save(out: Path, step: int, model: GPT, optimizer, batches: TokenBatches, meta: dict, info: DistInfo,
-         cfg: TrainConfig) -> None:
+def _tensor_parallel_rng_state() -> dict[str, torch.Tensor]:
+    cpu, cuda = get_rng_tracker().states[TP_RNG]
+    return {"tensor_parallel_torch": cpu} | ({"tensor_parallel_cuda": cuda} if cuda is not None else {})
+
+
+def _check_same_layout(saved: dict, parallel: ParallelConfig, path: Path) -> None:
+    """The optimizer state is saved per TP/PP shard: resuming needs the layout it was written with."""
+    keys = ("tp", "pp", "pp_chunks")
+    was = {k: saved.get("parallel", {}).get(k, 1) for k in keys}
+    now = {k: getattr(parallel, k) for k in keys}
+    if was != now:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in was.items())
+        raise ValueError(f"{path} was written with {was}, this run has {now}: resume with {flags} (its weights are "
+                         "single-device: python -m labs_lib.generate reads them with any layout)")
+
+
+def save(out: Path, step: int, model: GPT | Parallel3D, optimizer, batches: TokenBatches, meta: dict,
+         info: DistInfo, cfg: TrainConfig, mesh: Mesh | None = None) -> None:
     tmp = checkpoint.begin(out / "checkpoints", step)
-    checkpoint.write_rank_state(tmp, info.rank)
+    if mesh is None:
+        checkpoint.write_rank_state(tmp, info.rank)
+        model_state = model.state_dict() if info.is_main else None
+        optimizer_state = optimizer.state_dict()
+    else:  # the single-device weights (a collective), and the optimizer state of each shard
+        checkpoint.write_rank_state(tmp, info.rank, _tensor_parallel_rng_state())
+        model_state, optimizer_state = model.full_state_dict(), None
+        if mesh.dp_rank == 0:  # the other replicas hold the same
+            checkpoint.write_optimizer_shard(tmp, mesh.shard_name, optimizer.state_dict())
     if info.is_main:
         if os.environ.get(KILL_IN_CHECKPOINT) == str(step):
-            checkpoint._save_tensors(checkpoint.dedupe_shared(model.state_dict())[0], tmp / "model.safetensors")
+            checkpoint._save_tensors(checkpoint.dedupe_shared(model_state)[0], tmp / "model.safetensors")
             os.kill(os.getpid(), signal.SIGKILL)
-        checkpoint.write_main_state(tmp, model.state_dict(), optimizer.state_dict(),
+        checkpoint.write_main_state(tmp, model_state, optimizer_state,
                                     dict(meta, step=step, data=batches.state_dict()))
     if info.distributed:
         dist.barrier()  # every rank's files are on disk before the folder is committed
@@ -131,38 +168,59 @@ def save(out: Path, step: int, model: GPT, optimizer, batches: TokenBatches, met
 
 
 def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool = False,
-          progress: bool = True) -> list[dict]:
-    """Run (or resume) training in this process, as one rank of whatever launched it. Returns the metrics."""
+          progress: bool = True, parallel: ParallelConfig | None = None) -> list[dict]:
+    """Run (or resume) training in this process, as one rank of whatever launched it. Returns the metrics.
+
+    ``parallel``: the DP x TP x PP layout (default: data parallel over all ranks)."""
     info = init_distributed()
     out = Path(out)
-    validate(model_cfg, cfg, ParallelConfig(), info.world_size, info.device.type)
+    parallel = check_layout(model_cfg, cfg, parallel or ParallelConfig(), info.world_size, info.device.type)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg.data, cfg.tokenizer_vocab, cfg.corpus_max_bytes, cfg.val_fraction,
                         progress=progress and info.is_main)
-    meta = {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "world_size": info.world_size,
-            "data_dir": str(data.dir)}
+    meta = {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "parallel": parallel.to_dict(),
+            "world_size": info.world_size, "data_dir": str(data.dir)}
     if info.is_main:
         shutil.copyfile(data.tokenizer_path, out / "tokenizer.json")
         (out / "config.json").write_text(json.dumps(meta, indent=1))
 
+    # Tensor or pipeline parallelism: a mesh of process groups; data parallelism alone: torch DDP over the world.
+    mesh = build_mesh(parallel, info.rank, info.world_size) if parallel.tp * parallel.pp > 1 else None
+    dp_rank = mesh.dp_rank if mesh else info.rank
+    latest = checkpoint.latest_checkpoint(out / "checkpoints") if resume else None
+    saved = checkpoint.load_meta(latest) if latest is not None else None
+    if saved is not None:
+        _check_same_layout(saved, parallel, latest)
+
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = GPT(model_cfg).to(info.device)
+    if mesh is not None:
+        if saved is not None:  # the checkpoint is single-device: load it whole, the shards are cut from it
+            model.load_state_dict(checkpoint.load_model_state(latest))
+        model = Parallel3D(model, mesh, parallel)  # TP, then pipeline stages; DP is the gradient all-reduce below
     optimizer = make_optimizer(model, cfg)
-    batches = TokenBatches(data.train_path, cfg.batch_size, model_cfg.block_size, info.rank, info.world_size,
+    # Every TP and PP rank of one replica reads the same batch: the replica's slice of the global batch.
+    batches = TokenBatches(data.train_path, cfg.batch_size, model_cfg.block_size, dp_rank, parallel.dp,
                            seed=cfg.seed)
-    val = eval_batches(data.val_path, cfg.batch_size, model_cfg.block_size, cfg.eval_iters, info.rank,
-                       info.world_size)
-    torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout masks differ between ranks
+    val = eval_batches(data.val_path, cfg.batch_size, model_cfg.block_size, cfg.eval_iters, dp_rank, parallel.dp)
+    if mesh is None:
+        torch.manual_seed(cfg.seed + 1 + info.rank)  # dropout masks differ between ranks
+    else:  # alike within a TP group (replicated activations), different per replica and stage
+        tensor_parallel_manual_seed(cfg.seed + 1 + dp_rank + parallel.dp * mesh.pp_rank, mesh.tp_group)
 
     start = 0
-    latest = checkpoint.latest_checkpoint(out / "checkpoints") if resume else None
-    if latest is not None:
-        saved = checkpoint.load_meta(latest)
-        model.load_state_dict(checkpoint.load_model_state(latest))
-        optimizer.load_state_dict(checkpoint.load_optimizer_state(latest))
+    if saved is not None:
+        if mesh is None:
+            model.load_state_dict(checkpoint.load_model_state(latest))
+            optimizer.load_state_dict(checkpoint.load_optimizer_state(latest))
+        else:
+            optimizer.load_state_dict(checkpoint.load_optimizer_shard(latest, mesh.shard_name))
         batches.load_state_dict(saved["data"])
-        checkpoint.load_rank_state(latest, info.rank)
+        rank_state = checkpoint.load_rank_state(latest, info.rank)
+        if mesh is not None and rank_state is not None:
+            get_rng_tracker().states[TP_RNG] = (rank_state["tensor_parallel_torch"],
+                                                rank_state.get("tensor_parallel_cuda"))
         start = saved["step"]
         print0(f"resumed from {latest} (step {start})")
     metrics_path = out / "metrics.jsonl"
@@ -172,12 +230,13 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
         elif metrics_path.exists():
             metrics_path.unlink()
 
-    compiled = torch.compile(model) if cfg.compile else model  # compile, then wrap (torchtitan's order)
-    ddp = DistributedDataParallel(compiled, bucket_cap_mb=cfg.ddp_bucket_mb) if info.distributed else compiled
-    # Without overlap every micro-batch runs under no_sync and the gradients are all-reduced after backward.
-    overlap = cfg.ddp_overlap or not info.distributed
+    if mesh is None:
+        compiled = torch.compile(model) if cfg.compile else model  # compile, then wrap (torchtitan's order)
+        ddp = DistributedDataParallel(compiled, bucket_cap_mb=cfg.ddp_bucket_mb) if info.distributed else compiled
+        # Without overlap every micro-batch runs under no_sync and the gradients are all-reduced after backward.
+        overlap = cfg.ddp_overlap or not info.distributed
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.dtype == "fp16")
-    tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum * info.world_size
+    tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum * parallel.dp
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", mininterval=1.0,
                disable=not (progress and info.is_main))
     records, t_start = [], time.perf_counter()
@@ -190,19 +249,28 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=info.device)  # summed on the device: no sync per micro-batch
-        for micro in range(cfg.grad_accum):
-            x, y = (t.to(info.device, non_blocking=True) for t in next(batches))
-            last = micro == cfg.grad_accum - 1
-            sync = contextlib.nullcontext() if (last and overlap) or not info.distributed else ddp.no_sync()
-            with sync:
+        if mesh is None:
+            for micro in range(cfg.grad_accum):
+                x, y = (t.to(info.device, non_blocking=True) for t in next(batches))
+                last = micro == cfg.grad_accum - 1
+                sync = contextlib.nullcontext() if (last and overlap) or not info.distributed else ddp.no_sync()
+                with sync:
+                    with _autocast(cfg.dtype, info.device):
+                        loss = ddp(x, y)[1] / cfg.grad_accum
+                    scaler.scale(loss).backward()
+                loss_sum += loss.detach().float()
+            if not overlap:
+                all_reduce_gradients(model, info.world_size)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+        else:
+            for _ in range(cfg.grad_accum):
+                x, y = (t.to(info.device, non_blocking=True) for t in next(batches))
                 with _autocast(cfg.dtype, info.device):
-                    loss = ddp(x, y)[1] / cfg.grad_accum
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach().float()
-        if not overlap:
-            all_reduce_gradients(model, info.world_size)
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+                    loss_sum += model.forward_backward(x, y, cfg.grad_accum).float()
+            if parallel.dp > 1:
+                all_reduce_gradients(model, parallel.dp, mesh.dp_group)
+            grad_norm = model.clip_grad_norm_(cfg.grad_clip or float("inf"))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -212,6 +280,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
         if prof is not None:
             prof.step()
 
+        # Every rank of a replica holds its loss (the last stage broadcasts it), so the world mean is the DP mean.
         record = {"step": step, "loss": all_reduce_mean(loss_sum.item()), "lr": lr, "grad_norm": grad_norm.item(),
                   "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
                   "tokens": step * tokens_per_step, "elapsed_s": time.perf_counter() - t_start}
@@ -224,7 +293,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.max_steps:
-            save(out, step, model, optimizer, batches, meta, info, cfg)
+            save(out, step, model, optimizer, batches, meta, info, cfg, mesh)
         if os.environ.get(KILL_AFTER_STEP) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
     tracer.__exit__(None, None, None)
@@ -259,10 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ddp-overlap", action=argparse.BooleanOptionalAction,
                        help="--no-ddp-overlap: all-reduce gradients after backward instead of during it")
     train.add_argument("--dtype", choices=("fp32", "bf16", "fp16"))
+    layout = p.add_argument_group("3D parallelism (default: data parallel over every rank)")
+    layout.add_argument("--dp", type=int, help="data-parallel replicas (default: world size / (tp * pp))")
+    layout.add_argument("--tp", type=int, help="tensor-parallel ranks per layer (1)")
+    layout.add_argument("--pp", type=int, help="pipeline stages (1)")
+    layout.add_argument("--micro-batches", type=int, help="pipeline micro-batches per batch (1)")
+    layout.add_argument("--pp-schedule", "--schedule", choices=SCHEDULES, help="pipeline schedule (1f1b)")
+    layout.add_argument("--pp-chunks", type=int, help="model chunks per pipeline rank, interleaved-1f1b (1)")
+    layout.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction,
+                        help="split the activations between TP regions along the sequence (needs --tp)")
     return p
 
 
-def configs_from_args(args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig]:
+def configs_from_args(args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig, ParallelConfig]:
     profile = get_profile(args.profile)
     values = vars(args)
     model_cfg = override(profile.model, **{k: values[k] for k in ("n_layer", "n_head", "n_embd", "block_size",
@@ -271,19 +349,20 @@ def configs_from_args(args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig]
     train_cfg = override(profile.train, **{k: values[k] for k in train_names})
     if args.tokenizer_vocab is not None:  # the embedding table follows the tokenizer, padded to 64
         model_cfg = override(model_cfg, vocab_size=-(-args.tokenizer_vocab // 64) * 64)
-    return model_cfg, train_cfg
+    parallel = override(profile.parallel, **{k: values[k] for k in ParallelConfig.__dataclass_fields__})
+    return model_cfg, train_cfg, parallel
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        model_cfg, train_cfg = configs_from_args(args)
+        model_cfg, train_cfg, parallel = configs_from_args(args)
         world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
-        validate(model_cfg, train_cfg, ParallelConfig(), world_size, device_type)
+        check_layout(model_cfg, train_cfg, parallel, world_size, device_type)
     except ValueError as e:
         raise SystemExit(f"invalid configuration: {e}") from None
-    train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress, parallel=parallel)
 
 
 if __name__ == "__main__":
