@@ -20,6 +20,7 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
+	$(BIN)/python -m labs_lib.deepspeed_setup  # JIT-build DeepSpeed's CPU ops once (~70 s), not in every job
 	touch $@
 
 lab: setup  ## JupyterLab on 127.0.0.1 with a token, opened at notebooks/ (and a Slurm cluster waiting)
