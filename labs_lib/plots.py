@@ -67,40 +67,50 @@ def plot_pipeline_timeline(results: list[dict], title: str | None = None, ax=Non
     """Gantt chart of one pipeline step, one row per rank (``labs_lib.parallel.pipeline_run`` results).
 
     Forward and backward boxes carry their micro-batch number (a second model chunk of interleaved 1F1B in a lighter
-    shade, its number primed); thin bars show waiting for a neighbour's message (recv), posting sends, and the idle
-    end of the step."""
+    shade, its number primed); thin bars show waiting for a neighbour's message (recv), posting sends (and, at the
+    end of the step, finishing them and summing the tied embedding's gradient), and the idle end of the step."""
+    from matplotlib.patches import Patch
+
     if ax is None:
         _, ax = plt.subplots(figsize=(11, 0.9 + 0.7 * len(results)))
     span = max(e["end"] for r in results for e in r["timeline"]) * 1e3
-    labelled = set()
+    chunks = max(r.get("chunks", 1) for r in results)
     for r in results:
         row = -r["rank"]  # rank 0 on top
         for e in r["timeline"]:
             start, width = e["start"] * 1e3, (e["end"] - e["start"]) * 1e3
-            kind = e["kind"]
-            if kind in ("forward", "backward"):
-                color = _PIPELINE_COLORS[kind][min(e["chunk"], 1)]
-                label = kind + (f" (chunk {e['chunk']})" if r.get("chunks", 1) > 1 else "")
-                ax.broken_barh([(start, width)], (row - 0.4, 0.8), facecolors=color, edgecolor="white", lw=0.5,
-                               label=None if label in labelled else label)
-                labelled.add(label)
+            if e["kind"] in ("forward", "backward"):
+                color = _PIPELINE_COLORS[e["kind"]][min(e["chunk"], 1)]
+                ax.broken_barh([(start, width)], (row - 0.4, 0.8), facecolors=color, edgecolor="white", lw=0.5)
                 if width > span / 90:
                     ax.text(start + width / 2, row, f"{e['micro_batch']}" + "'" * e["chunk"], ha="center",
                             va="center", color="white", fontsize=7, fontweight="bold")
             else:
-                label = {"recv": "recv (waiting for a neighbour)", "send": "send",
-                         "idle": "idle (end of step)"}[kind]
                 ax.broken_barh([(start, max(width, span / 500))], (row - 0.12, 0.24),
-                               facecolors=_PIPELINE_COLORS[kind], label=None if label in labelled else label)
-                labelled.add(label)
+                               facecolors=_PIPELINE_COLORS[e["kind"]])
+    legend = [Patch(color=_PIPELINE_COLORS[k][c], label=k + (f" (chunk {c})" if chunks > 1 else ""))
+              for k in ("forward", "backward") for c in range(min(chunks, 2))]
+    legend += [Patch(color=_PIPELINE_COLORS["recv"], label="recv (waiting for a neighbour)"),
+               Patch(color=_PIPELINE_COLORS["send"], label="send (end: + tied-embedding all-reduce)"),
+               Patch(color=_PIPELINE_COLORS["idle"], label="idle (end of step)")]
     first = results[0]
     ax.set_yticks([-r["rank"] for r in results], [f"rank {r['rank']}" for r in results])
     ax.set(xlabel="time within the step (ms)", xlim=(0, span * 1.01),
            title=title or (f"{first['schedule']}: p={first['pp']}, m={first['micro_batches']}"
-                           + (f", v={first['chunks']}" if first.get("chunks", 1) > 1 else "")
-                           + f" — step {first['shown_step']}"))
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+                           + (f", v={chunks}" if chunks > 1 else "") + f" — step {first['shown_step']}"))
+    ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     return ax
+
+
+def plot_pipeline_timelines(*runs: list[dict]):
+    """Several pipeline steps (e.g. GPipe and 1F1B) as Gantt charts stacked on one time axis."""
+    fig, axes = plt.subplots(len(runs), 1, figsize=(12, sum(0.9 + 0.7 * len(r) for r in runs)), sharex=True,
+                             squeeze=False)
+    for ax, results in zip(axes[:, 0], runs):
+        plot_pipeline_timeline(results, ax=ax)
+    axes[0, 0].set_xlim(0, 1.01e3 * max(e["end"] for results in runs for r in results for e in r["timeline"]))
+    fig.tight_layout()
+    return axes[:, 0]
 
 
 def plot_bubble(measured: dict[int, float], pp: int, chunks: int = 1, label: str | None = None, ax=None):
@@ -135,18 +145,18 @@ def plot_pipeline_memory(in_flight: dict[str, dict[int, int]], activation_mb: di
 
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(12, 4))
-    formulas = {"gpipe": ("m", lambda m: m), "1f1b": (f"min(p, m), p={pp}", lambda m: np.minimum(pp, m))}
+    formulas = {"gpipe": ("m", lambda m: m), "1f1b": ("min(p, m)", lambda m: np.minimum(pp, m))}
     batch = activation_mb["gpipe"][min(activation_mb["gpipe"])]  # GPipe keeps the whole batch's activations
     all_m = sorted({m for values in in_flight.values() for m in values})
     grid = np.array(all_m, dtype=float)
     for name, values in in_flight.items():
         text, f = formulas[name]
         ms = sorted(values)
-        line, = axes[0].plot(grid, f(grid), "-", lw=1, label=f"{name} formula: {text}")
+        line, = axes[0].plot(grid, f(grid), "-", lw=1, label=f"{name} formula: {text}, p={pp}")
         axes[0].plot(ms, [values[m] for m in ms], "o", color=line.get_color(), label=f"{name} measured")
         mb = activation_mb[name]
         line, = axes[1].plot(grid, batch * f(grid) / grid, "-", lw=1, color=line.get_color(),
-                             label=f"{name} formula: batch × {text}/m")
+                             label=f"{name} formula: whole batch × {text}/m")
         axes[1].plot(sorted(mb), [mb[m] for m in sorted(mb)], "o", color=line.get_color(), label=f"{name} measured")
     for ax, ylabel in zip(axes, ("micro-batches kept for backward", "activation memory kept (MB)")):
         ax.set_xscale("log", base=2)

@@ -7,8 +7,10 @@
 
 import subprocess
 
+import matplotlib.pyplot as plt
 import pytest
 
+from labs_lib import plots
 from labs_lib.parallel import pipeline_run
 from labs_lib.parallel.pipeline_run import measured_bubble, order, read_results, run, run_reference
 
@@ -45,6 +47,15 @@ def test_pipeline_job_matches_one_process(tmp_path, reference, schedule, m, v):
         assert order(results[1]) == [f"{k}{i}" for i in range(m) for k in "FB"]
     assert 0 <= measured_bubble(results) < 1
     assert read_results(tmp_path / "pp") == results
+
+    # The lab's figures draw from these results.
+    axes = plots.plot_pipeline_timelines(results, results)
+    assert len(axes) == 2 and len(axes[0].collections) == sum(len(r["timeline"]) for r in results)
+    plots.plot_bubble({m: measured_bubble(results)}, pp=2, chunks=v)
+    peak = {m: results[0]["peak_in_flight"]}
+    mb = {m: results[0]["peak_activation_bytes"] / 1e6}
+    plots.plot_pipeline_memory({"gpipe": peak, "1f1b": peak}, {"gpipe": mb, "1f1b": mb}, pp=2)
+    plt.close("all")
 
 
 @pytest.mark.parametrize("settings, fix", [

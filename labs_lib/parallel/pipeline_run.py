@@ -268,11 +268,8 @@ def _launch(cmd: list[str], out: Path, steps: int, desc: str, progress: bool, ti
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the pipeline job ran past {timeout_s:.0f} s; its log: {log}\n{tail(log)}")
                 time.sleep(0.2)
-                done = (out / "progress.jsonl").read_text().splitlines() if (out / "progress.jsonl").exists() else []
-                if done and len(done) != bar.n:
-                    bar.n = len(done)
-                    bar.set_postfix(loss=f"{json.loads(done[-1])['loss']:.3f}")
-                    bar.refresh()
+                _advance(bar, out)
+            _advance(bar, out)
         except BaseException:  # an interrupt (or the timeout) stops the job too
             process.terminate()
             process.wait()
@@ -281,6 +278,16 @@ def _launch(cmd: list[str], out: Path, steps: int, desc: str, progress: bool, ti
             bar.close()
     if process.returncode != 0:
         raise LaunchError(f"the pipeline job failed; full log: {log}", process.returncode, tail(log))
+
+
+def _advance(bar, out: Path) -> None:
+    """Move the progress bar to the steps the job has finished (rank 0 appends one line per step)."""
+    path = out / "progress.jsonl"
+    done = path.read_text().split("\n")[:-1] if path.exists() else []  # whole lines only
+    if done and len(done) != bar.n:
+        bar.n = len(done)
+        bar.set_postfix(loss=f"{json.loads(done[-1])['loss']:.3f}")
+        bar.refresh()
 
 
 def _fresh(out: str | Path) -> Path:
