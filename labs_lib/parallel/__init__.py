@@ -5,5 +5,6 @@ zero.py           ZeRO-1/2 sharded optimizer, ZeRO-3 fully sharded module
 comms.py          collectives as autograd Functions (Megatron's f/g operators)
 tensor_parallel.py  Megatron column/row parallel layers, vocab parallel embedding and loss, sequence parallel
 pipeline.py       stage partitioning, GPipe and 1F1B schedules with per-rank timelines
+pipeline_run.py   the pipeline as a torchrun job writing per-rank timelines (lab 05), run() from a notebook
 mesh.py           DP x TP x PP process groups
 """
