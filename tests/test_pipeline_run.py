@@ -2,6 +2,7 @@
 
 * 1F1B and interleaved 1F1B on 2 ranks give the losses of the same steps on one process (reference mode);
 * every rank's file holds its layout, a timeline of each step, the idle fraction and the activation peaks;
+* torch.distributed.pipelining's 1F1B over the same stages (impl="torch") does too;
 * a bad layout raises ``ValueError`` naming the fix before any process starts.
 """
 
@@ -56,6 +57,16 @@ def test_pipeline_job_matches_one_process(tmp_path, reference, schedule, m, v):
     mb = {m: results[0]["peak_activation_bytes"] / 1e6}
     plots.plot_pipeline_memory({"gpipe": peak, "1f1b": peak}, {"gpipe": mb, "1f1b": mb}, pp=2)
     plt.close("all")
+
+
+@pytest.mark.slow
+def test_torch_pipelining_job_matches_one_process(tmp_path, reference):
+    """impl="torch": torch.distributed.pipelining's Schedule1F1B over the same stages, the production comparison."""
+    results = run(tmp_path / "torch", pp=2, micro_batches=4, schedule="1f1b", steps=STEPS, profile="ci",
+                  progress=False, n_layer=N_LAYER, impl="torch")
+    for r in results:
+        assert r["impl"] == "torch" and r["timeline"] == []
+        assert r["losses"] == pytest.approx(reference["losses"], abs=1e-5), r["rank"]
 
 
 @pytest.mark.parametrize("settings, fix", [

@@ -3,6 +3,8 @@
     torchrun --standalone --nproc-per-node=4 -m labs_lib.parallel.pipeline_run --pp 4 --micro-batches 8 \\
         --schedule 1f1b --steps 3 --compute-delay-s 0.03 --n-layer 8 --profile ci --out build/runs/pp
     python -m labs_lib.parallel.pipeline_run --reference --steps 3 --n-layer 8 --profile ci --out build/runs/ref
+    (add --impl torch to run torch.distributed.pipelining's ScheduleGPipe / Schedule1F1B / ScheduleInterleaved1F1B
+    over the same stages: the production implementation, for comparison; it writes losses, no timeline)
 
 From a notebook (the job never runs inside the kernel; these launch it and read its files back):
 
@@ -65,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-delay-s", type=float, default=0.0,
                    help="sleep after each stage forward (twice after each backward): readable timelines on a CPU")
     p.add_argument("--reference", action="store_true", help="one process, the whole model, no pipeline")
+    p.add_argument("--impl", choices=("ours", "torch"), default="ours",
+                   help="our schedules (with timelines) or torch.distributed.pipelining's over the same stages")
     for name in ("n-layer", "n-head", "n-embd", "block-size", "batch-size", "seed"):
         p.add_argument(f"--{name}", type=int, help="override the profile's value")
     p.add_argument("--lr", type=float, help="override the profile's learning rate (constant here)")
@@ -202,9 +206,29 @@ def _pipeline(a, model_cfg, train_cfg, schedule_name: str, chunks: int, out: Pat
                "modules": [n for n, _ in s.named_children() if n not in ("blocks", "drop")],
                "params": sum(p.numel() for p in s.parameters())} for s in stages]
     del model  # the other stages' layers go away; this rank keeps its own
-    schedule = make_schedule(schedule_name, stages, a.micro_batches, compute_delay_s=a.compute_delay_s)
     optimizer = _optimizer(nn.ModuleList(stages).parameters(), train_cfg)
+    result = {"rank": dinfo.rank, "pp": a.pp, "schedule": schedule_name, "micro_batches": a.micro_batches,
+              "chunks": chunks, "impl": a.impl, "compute_delay_s": a.compute_delay_s, "steps": a.steps,
+              "model": model_cfg.to_dict(), "batch_size": train_cfg.batch_size, "lr": train_cfg.lr,
+              "device": str(dinfo.device), "stages": layout,
+              "data": f"{info.n_train_tokens:,} training tokens of {train_cfg.data or 'the Python standard library'}",
+              "bubble_formula": bubble_fraction(a.pp, a.micro_batches, chunks)}
+    if a.impl == "torch":
+        step_fn = _torch_schedule(stages, schedule_name, a.micro_batches, dinfo.device)
+        losses = []
+        for step in range(1, a.steps + 1):
+            x, y = (t.to(dinfo.device) for t in next(batches))
+            losses.append(step_fn(x, y))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if dinfo.rank == 0:
+                _progress(out, step, losses[-1])
+        result.update(losses=losses, timeline=[])  # torch's schedules keep no timeline we could read
+        _write_json(out / f"pipeline_rank{dinfo.rank}.json", result)
+        cleanup()
+        return
 
+    schedule = make_schedule(schedule_name, stages, a.micro_batches, compute_delay_s=a.compute_delay_s)
     per_step = []
     for step in range(1, a.steps + 1):
         x, y = (t.to(dinfo.device) for t in next(batches))
@@ -223,20 +247,44 @@ def _pipeline(a, model_cfg, train_cfg, schedule_name: str, chunks: int, out: Pat
     if dist.is_initialized():
         dist.all_reduce(idle)
     candidates = range(1, a.steps) if a.steps > 1 else range(1)
-    shown = min(candidates, key=lambda i: idle[i].item())
-    best = per_step[shown]
-    result = {"rank": dinfo.rank, "pp": a.pp, "schedule": schedule_name, "micro_batches": a.micro_batches,
-              "chunks": chunks, "compute_delay_s": a.compute_delay_s, "steps": a.steps, "model": model_cfg.to_dict(),
-              "batch_size": train_cfg.batch_size, "lr": train_cfg.lr, "device": str(dinfo.device),
-              "data": f"{info.n_train_tokens:,} training tokens of {train_cfg.data or 'the Python standard library'}",
-              "stages": layout, "losses": [s["loss"] for s in per_step], "per_step": per_step,
-              "shown_step": best["step"], "timeline": best["timeline"], "idle_fraction": best["idle_fraction"],
-              "step_time_s": best["step_time_s"],
-              "peak_in_flight": max(s["peak_in_flight"] for s in per_step),
-              "peak_activation_bytes": max(s["peak_activation_bytes"] for s in per_step),
-              "bubble_formula": bubble_fraction(a.pp, a.micro_batches, chunks)}
+    best = per_step[min(candidates, key=lambda i: idle[i].item())]
+    result.update(losses=[s["loss"] for s in per_step], per_step=per_step, shown_step=best["step"],
+                  timeline=best["timeline"], idle_fraction=best["idle_fraction"], step_time_s=best["step_time_s"],
+                  peak_in_flight=max(s["peak_in_flight"] for s in per_step),
+                  peak_activation_bytes=max(s["peak_activation_bytes"] for s in per_step))
     _write_json(out / f"pipeline_rank{dinfo.rank}.json", result)
     cleanup()
+
+
+def _torch_schedule(stages, schedule_name: str, micro_batches: int, device: torch.device):
+    """The production schedule, ``torch.distributed.pipelining``, over the same stage modules: ``step(x, y)`` runs
+    one batch and returns its mean loss on every rank (gradients accumulate in the stages, like ours)."""
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+    from labs_lib.parallel.pipeline import gpt_loss
+
+    num_stages = stages[0].pp_size * len(stages)
+    torch_stages = [PipelineStage(s, s.stage_index, num_stages, device) for s in stages]
+    # scale_grads=True (the default) divides the summed micro-batch gradients by m: our 1/m on each loss.
+    if schedule_name == "interleaved-1f1b":
+        schedule = ScheduleInterleaved1F1B(torch_stages, micro_batches, loss_fn=gpt_loss)
+    else:
+        schedule = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule_name](torch_stages[0], micro_batches,
+                                                                                 loss_fn=gpt_loss)
+    has_first, has_last = stages[0].is_first, stages[-1].is_last
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> float:
+        micro_losses: list[torch.Tensor] = []
+        schedule.step(*([x] if has_first else []), **(dict(target=y, losses=micro_losses) if has_last else {}))
+        for stage in stages:
+            stage.sync_tied_grads()  # torch's stages know nothing of the tied embedding
+        loss = torch.stack(micro_losses).mean().detach().float() if has_last else torch.zeros((), device=device)
+        if dist.is_initialized():
+            dist.broadcast(loss, src=stages[0].ranks[-1])
+        return loss.item()
+
+    return step
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -312,7 +360,9 @@ def run(out: str | Path, pp: int, micro_batches: int, schedule: str = "1f1b", ch
         timeout_s: float = 600, **overrides) -> list[dict]:
     """Run the pipeline job on ``pp`` local processes (torchrun, gloo on CPU); returns each rank's results, by rank.
 
-    ``overrides``: ``n_layer``, ``n_head``, ``n_embd``, ``block_size``, ``batch_size``, ``lr``, ``seed``. A layout
+    ``overrides``: ``n_layer``, ``n_head``, ``n_embd``, ``block_size``, ``batch_size``, ``lr``, ``seed``, and
+    ``impl="torch"`` to run ``torch.distributed.pipelining``'s schedule over the same stages instead of ours (losses
+    only: no timeline, no compute delay). A layout
     that cannot run raises ``ValueError`` naming the fix before any process starts; a failed job raises
     :class:`labs_lib.launch.LaunchError` with the log's tail. ``out`` is emptied first."""
     args = cli_args("OUT", pp, micro_batches, schedule, chunks, steps, compute_delay_s, profile, **overrides)
