@@ -47,7 +47,7 @@ def is_cached(op: str) -> bool:
     return any(folder.glob(f"{op}*.so"))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -59,7 +59,7 @@ def _build_shm_comm() -> None:
     import torch.distributed as dist
 
     env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()))
+               MASTER_PORT=str(free_port()))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
