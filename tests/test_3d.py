@@ -20,7 +20,7 @@ from conftest import run_train
 pytestmark = pytest.mark.slow
 
 # A model with 4 layers and 4 heads splits 2 and 4 ways; fp32, dropout 0: every layout must give the same losses.
-TINY = dict(n_layer=4, n_head=4, n_embd=64, block_size=32, dropout=0.0, max_steps=5, eval_interval=0,
+TINY = dict(n_layer=4, n_head=4, n_embd=64, block_size=32, dropout=0.0, max_steps=5, eval_interval=5, eval_iters=1,
             checkpoint_interval=0)
 GLOBAL_BATCH = 8
 
@@ -58,6 +58,9 @@ def test_layout_matches_single_process(tmp_path, reference, dp, tp, pp, extra):
     settings = dict(TINY, batch_size=GLOBAL_BATCH // dp, tp=tp, pp=pp, micro_batches=pp if pp > 1 else None)
     run_train(tmp_path / "run", nproc=dp * tp * pp, **(settings | extra))
     torch.testing.assert_close(losses(tmp_path / "run"), losses(reference), rtol=0, atol=1e-5)
+    # Evaluation at the last step: a forward-only pass through the pipeline, averaged over the replicas.
+    val_loss = read_metrics(tmp_path / "run")[-1]["val_loss"]
+    assert val_loss == pytest.approx(read_metrics(reference)[-1]["val_loss"], abs=1e-5)
     # The checkpoint is single-device: the full weights, gathered from every TP and PP shard. Adam divides by
     # sqrt(v), so where a gradient is near 0 the sums TP splits differently move a weight by up to ~4e-5 here.
     weights, ref_weights = final_weights(tmp_path / "run"), final_weights(reference)
@@ -68,8 +71,8 @@ def test_layout_matches_single_process(tmp_path, reference, dp, tp, pp, extra):
 
 def test_3d_run_resumes(tmp_path, ci_data):
     """(dp, tp, pp) = (1, 2, 2) with dropout: 6 steps straight vs 3 steps, then --resume to 6."""
-    settings = dict(TINY, dropout=0.1, max_steps=6, lr_decay_steps=6, checkpoint_interval=3, batch_size=4, tp=2,
-                    pp=2, micro_batches=2)
+    settings = dict(TINY, dropout=0.1, eval_interval=0, max_steps=6, lr_decay_steps=6, checkpoint_interval=3,
+                    batch_size=4, tp=2, pp=2, micro_batches=2)
     run_train(tmp_path / "straight", nproc=4, **settings)
     out = tmp_path / "run"
     run_train(out, nproc=4, **(settings | dict(max_steps=3)))

@@ -351,9 +351,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, targets: torch.Tensor, group=None,
                                  ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy of (..., vocab/t) logits against (...) targets, ``ignore_index`` left out."""
+    """Mean cross-entropy of (..., vocab/t) logits against (...) targets, ``ignore_index`` left out. In fp32 whatever
+    the logits' dtype, as F.cross_entropy under autocast (a bf16 loss would log only 2-3 significant digits)."""
     logits = logits_shard.reshape(-1, logits_shard.size(-1))
-    return _VocabParallelCrossEntropy.apply(logits, targets.reshape(-1), group, ignore_index).to(logits_shard.dtype)
+    return _VocabParallelCrossEntropy.apply(logits, targets.reshape(-1), group, ignore_index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
