@@ -1,0 +1,231 @@
+"""labs_lib.ds_train: DeepSpeed ZeRO 0/1/2/3 and ZeRO-Offload against labs_lib.train (torch DDP).
+
+Every run is 2 gloo ranks under torchrun, ci profile (dropout 0), fp32, 8 steps, the same global batch (2 x 8
+sequences). The configs copy labs_lib.train's optimizer (AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices only,
+clipping 1.0), so the losses agree step for step: measured within 5e-7 of DDP for every stage and for the offload
+config (DeepSpeedCPUAdam's own AVX kernel instead of torch's AdamW) on a 2-core CPU.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from labs_lib import ds_train
+from labs_lib.config import get_profile
+from labs_lib.model import GPT
+from labs_lib.train import make_optimizer, read_metrics
+
+from conftest import REPO, run_train
+
+STEPS = 8
+CONFIGS = REPO / "configs" / "deepspeed"
+STAGES = ("zero0", "zero1", "zero2", "zero3")
+TOLERANCE = 1e-5  # fp32: only the summation order of the reductions differs (measured <= 5e-7)
+
+
+def ds_cmd(out: Path, config: str, *args: str, nproc: int = 2) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    return [*(launcher if nproc > 1 else [sys.executable]), "-m", "labs_lib.ds_train", "--profile", "ci",
+            "--out", str(out), "--ds-config", str(CONFIGS / config), "--no-progress", *args]
+
+
+def run_ds(out: Path, config: str, *args: str, nproc: int = 2, check: bool = True):
+    result = subprocess.run(ds_cmd(out, config, *args, nproc=nproc), capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"ds_train failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+def losses(out: Path) -> torch.Tensor:
+    return torch.tensor([r["loss"] for r in read_metrics(out)], dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------------ fast: no processes
+@pytest.mark.parametrize("name", [*STAGES, "zero2_offload"])
+def test_configs_copy_labs_lib_train_optimizer(name):
+    ds = json.loads((CONFIGS / f"{name}.json").read_text())
+    cfg = get_profile("ci").train
+    params = ds["optimizer"]["params"]
+    assert ds["optimizer"]["type"] == "AdamW"
+    assert params["betas"] == [cfg.beta1, cfg.beta2] and params["weight_decay"] == cfg.weight_decay
+    assert ds["gradient_clipping"] == cfg.grad_clip == 1.0
+    assert ds["bf16"]["enabled"] is False and "fp16" not in ds
+    assert ds["train_micro_batch_size_per_gpu"] == ds["gradient_accumulation_steps"] == "auto"
+    ds_train.check_ds_config(ds)
+    # torch's AdamW (bit-for-bit labs_lib.train's) everywhere but offload, which needs DeepSpeedCPUAdam
+    assert params.get("torch_adam", False) == ("offload" not in name)
+
+
+def test_auto_values_resolved_from_the_run():
+    cfg = get_profile("ci").train
+    ds = ds_train.resolve_ds_config(ds_train.load_ds_config("zero2.json"), cfg, world_size=4, bf16=True)
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.batch_size and ds["gradient_accumulation_steps"] == 1
+    assert ds["train_batch_size"] == cfg.batch_size * 4
+    assert ds["optimizer"]["params"]["lr"] == cfg.lr and ds["bf16"]["enabled"] is True
+    with pytest.raises(ValueError, match="'auto'"):
+        ds_train.resolve_ds_config({"zero_optimization": {"stage": "auto"}}, cfg, 1)
+
+
+def test_weight_decay_groups_match_make_optimizer():
+    model = GPT(get_profile("ci").model)
+    ours = ds_train.optimizer_groups(model, 0.1)
+    theirs = make_optimizer(model, get_profile("ci").train).param_groups
+    assert [[id(p) for p in g["params"]] for g in ours] == [[id(p) for p in g["params"]] for g in theirs]
+    assert [g["weight_decay"] for g in ours] == [g["weight_decay"] for g in theirs]
+
+
+def bad_config(tmp_path, **changes) -> Path:
+    ds = json.loads((CONFIGS / "zero2.json").read_text()) | changes
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(fp16={"enabled": True}), "fp16 needs a CUDA GPU"),
+    (dict(zero_optimization={"stage": 4}), "stage=4 does not exist: use 0, 1, 2 or 3"),
+    (dict(zero_optimization={"stage": 0, "offload_optimizer": {"device": "cpu"}}), "needs ZeRO stage 1, 2 or 3"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        ds_train.check_training_config(["--out", str(tmp_path), "--ds-config", str(bad_config(tmp_path, **changes))],
+                                       world_size=2)
+
+
+def test_fp16_on_cpu_fails_before_deepspeed_starts(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("fp16 is fine on a GPU")
+    start = time.monotonic()
+    result = run_ds(tmp_path / "run", str(bad_config(tmp_path, fp16={"enabled": True})), nproc=1, check=False)
+    assert result.returncode != 0
+    assert "invalid configuration: fp16 needs a CUDA GPU" in result.stderr and "--bf16" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
+    assert time.monotonic() - start < 30
+
+
+# --------------------------------------------------------------------------------------- slow: real 2-rank trainings
+@pytest.fixture(scope="module")
+def runs(ci_data, tmp_path_factory):
+    """Each run once per module, on demand: runs["zero2"] trains it (2 ranks) and returns its folder."""
+    subprocess.run([sys.executable, "-m", "labs_lib.deepspeed_setup"], check=True, capture_output=True, timeout=600,
+                   env=dict(os.environ, TORCH_EXTENSIONS_DIR=os.environ.get(
+                       "TORCH_EXTENSIONS_DIR", str(REPO / "build" / "torch_extensions"))))
+    root = tmp_path_factory.mktemp("deepspeed")
+
+    class Runs(dict):
+        def __missing__(self, name):
+            out = root / name
+            if name == "ddp":
+                run_train(out, nproc=2, max_steps=STEPS)
+            else:
+                run_ds(out, f"{name}.json", "--max-steps", str(STEPS))
+            self[name] = out
+            return out
+
+    return Runs()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_stage_matches_ddp(runs, stage):
+    ours, ddp = losses(runs[stage]), losses(runs["ddp"])
+    assert len(ours) == len(ddp) == STEPS
+    assert torch.allclose(ours, ddp, rtol=0, atol=TOLERANCE), (ours - ddp).abs().max()
+    assert ours[-1] < ours[0] - 0.3, "the loss must fall"
+    records = read_metrics(runs[stage])
+    assert set(records[0]) >= {"step", "loss", "lr", "tokens_per_s", "step_time_s", "mem_rank0", "mem_rank1"}
+    assert [r["lr"] for r in records] == [r["lr"] for r in read_metrics(runs["ddp"])]  # labs_lib.train.lr_at
+
+
+@pytest.mark.slow
+def test_offload_trains_and_matches(runs):
+    ours, ddp = losses(runs["zero2_offload"]), losses(runs["ddp"])
+    assert ours[-1] < ours[0] - 0.3, "the loss must fall"
+    # DeepSpeedCPUAdam is another implementation of the same update (its own vectorised C++ loop): same tolerance
+    assert torch.allclose(ours, ddp, rtol=0, atol=TOLERANCE), (ours - ddp).abs().max()
+
+
+@pytest.mark.slow
+def test_zero_shards_optimizer_state(runs):
+    """Adam's two fp32 moments: 8 bytes per parameter on each rank with ZeRO-0, half of that on 2 ranks with
+    ZeRO-1/2/3; ZeRO-3 also halves the parameters each rank holds."""
+    mem = {s: read_metrics(runs[s])[-1] for s in (*STAGES, "zero2_offload")}
+    n = GPT(get_profile("ci").model).num_params()
+    zero0 = mem["zero0"]["mem_rank0"]
+    assert zero0["optimizer"] == pytest.approx(8 * n, rel=1e-3) and zero0["params"] == 4 * n
+    for stage in ("zero1", "zero2", "zero3", "zero2_offload"):
+        for rank in (0, 1):
+            held = mem[stage][f"mem_rank{rank}"]
+            assert held["optimizer"] == pytest.approx(zero0["optimizer"] / 2, rel=0.01), (stage, rank, held)
+    for rank in (0, 1):
+        assert mem["zero3"][f"mem_rank{rank}"]["params"] == pytest.approx(zero0["params"] / 2, rel=0.01)
+        assert mem["zero2"][f"mem_rank{rank}"]["grads"] < 0.7 * zero0["grads"]
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_same_losses(runs, tmp_path):
+    run_ds(tmp_path / "ckpt", "zero2.json", "--max-steps", str(STEPS), "--activation-checkpointing")
+    assert torch.allclose(losses(tmp_path / "ckpt"), losses(runs["zero2"]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_continues_the_run(runs, tmp_path):
+    """Half the steps, then --resume to the end (same schedule length): the losses of the straight run."""
+    out = tmp_path / "resumed"
+    run_ds(out, "zero2.json", "--max-steps", str(STEPS // 2), "--lr-decay-steps", str(STEPS))
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS // 2:06d}"
+    run_ds(out, "zero2.json", "--max-steps", str(STEPS), "--resume")
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS + 1))
+    assert torch.allclose(losses(out), losses(runs["zero2"]), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- through Slurm
+@pytest.fixture(scope="module")
+def cluster():
+    from labs_lib import slurm
+
+    try:
+        return slurm.ensure_local_cluster(quiet=True)
+    except slurm.SlurmUnavailable as e:
+        if not slurm.available():
+            pytest.skip(f"Slurm unavailable: {e}")
+        return "site"
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_deepspeed_through_slurm(cluster, ci_data, tmp_path):
+    """TRAIN_MODULE=labs_lib.ds_train sbatch slurm/train_gpt.sbatch: ZeRO-3 on 2 nodes x 2 ranks."""
+    from labs_lib import slurm
+
+    out = tmp_path / "slurm_zero3"
+    job = slurm.submit("train_gpt.sbatch", "--ds-config", "configs/deepspeed/zero3.json", "--max-steps", str(STEPS),
+                       OUT=out, TRAIN_MODULE="labs_lib.ds_train")
+    job.wait(timeout=600, progress=False)
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert records[-1]["loss"] < records[0]["loss"] - 0.3
+    assert json.loads((out / "config.json").read_text())["world_size"] == 4
+    assert {f"mem_rank{r}" for r in range(4)} <= set(records[-1])
+    assert "labs_lib.ds_train" in job.log_path.read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_bad_deepspeed_config_fails_fast_in_slurm(cluster, tmp_path):
+    from labs_lib import slurm
+
+    start = time.monotonic()
+    job = slurm.submit("train_gpt.sbatch", "--ds-config", str(bad_config(tmp_path, fp16={"enabled": True})),
+                       OUT=tmp_path / "bad", TRAIN_MODULE="labs_lib.ds_train")
+    with pytest.raises(slurm.JobFailed) as failed:
+        job.wait(timeout=120, progress=False)
+    assert time.monotonic() - start < 60
+    assert "invalid configuration: fp16 needs a CUDA GPU" in failed.value.log_tail
