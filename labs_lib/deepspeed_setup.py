@@ -81,6 +81,16 @@ def _build_cpu_adam() -> None:
     DeepSpeedCPUAdam([torch.nn.Parameter(torch.zeros(4))])
 
 
+def _used_here(op: str) -> bool:
+    """Whether this machine's accelerator uses the op (a CUDA machine has no shm_comm: NCCL does the talking)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    name = {"deepspeed_shm_comm": "ShareMemCommBuilder", "cpu_adam": "CPUAdamBuilder"}[op]
+    builder = get_accelerator().create_op_builder(name)
+    return builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False)
+
+
 def warm(ops: tuple[str, ...] = OPS, quiet: bool = False) -> dict[str, float | None]:
     """Build the ops not yet in the cache. Returns {op: seconds it took to build, or None when it was cached}."""
     cache = configure_environment()
@@ -93,6 +103,10 @@ def warm(ops: tuple[str, ...] = OPS, quiet: bool = False) -> dict[str, float | N
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     took: dict[str, float | None] = {}
     for op in ops:
+        if not _used_here(op):
+            say(f"deepspeed op {op}: not used with the {os.environ.get('DS_ACCELERATOR', 'detected')} accelerator")
+            took[op] = None
+            continue
         if is_cached(op):
             say(f"deepspeed op {op}: cached in {cache / op}")
             took[op] = None
