@@ -22,3 +22,48 @@ def check(name: str, answer, expected, rtol: float = 1e-3, hint: str = "") -> bo
         raise AssertionError(f"❌ {name}: got {answer!r}, which is not right. {hint}".rstrip())
     print(f"✅ {name}: correct ({answer!r})")
     return True
+
+
+def simulate_ranks(fn, world_size: int = 2, timeout: float = 10.0) -> list:
+    """Run ``fn(rank, all_reduce)`` for every rank of a pretend process group, in threads of this process, and
+    return what each returned (rank order). ``all_reduce(tensor)`` blocks until every rank has called it and gives
+    each the sum of all ranks' tensors (kept in a list, summed with ``sum`` in rank order), like a real all-reduce.
+
+    For checking an exercise in the kernel without processes; a rank that never reaches a collective the others
+    wait in makes them fail after ``timeout`` seconds instead of hanging."""
+    import threading
+
+    posted: list = [None] * world_size
+    barrier = threading.Barrier(world_size, timeout=timeout)
+    results: list = [None] * world_size
+    errors: list[BaseException] = []
+
+    def all_reduce_for(rank: int):
+        def all_reduce(tensor):
+            posted[rank] = tensor
+            barrier.wait()  # every rank has posted its tensor
+            total = sum(posted[1:], posted[0])
+            barrier.wait()  # every rank has read the list before the next collective overwrites it
+            return total
+        return all_reduce
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = fn(rank, all_reduce_for(rank))
+        except threading.BrokenBarrierError:
+            pass  # another rank failed or never came: its error is the one to report
+        except BaseException as e:  # noqa: BLE001  (re-raised below, in the caller's thread)
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    if barrier.broken:
+        raise RuntimeError(f"the simulated ranks did not all reach the same collective within {timeout} s: every "
+                           "rank must call all_reduce the same number of times")
+    return results

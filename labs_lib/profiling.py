@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -160,6 +161,25 @@ def timeline(trace_path: str | Path) -> dict:
     return {"steps": [(e["name"], e["ts"], e["ts"] + e["dur"]) for e in steps], "compute": compute, "comm": comm}
 
 
+def collectives(trace_path: str | Path, step: int = 0) -> list[dict]:
+    """The collectives one rank launched in profiled step ``step``, in order: c10d's operator name without the
+    namespace (``allreduce_``, ``_allgather_base_``, ...), the tensor's shape and its number of elements. Needs a
+    trace recorded with shapes (``profile_steps`` does)."""
+    events = [e for e in json.loads(Path(trace_path).read_text())["traceEvents"] if e.get("ph") == "X"]
+    steps = sorted((e for e in events if e["name"].startswith("ProfilerStep#")), key=lambda e: e["ts"])
+    if not steps:
+        raise ValueError(f"{trace_path} has no profiled step (ProfilerStep#): was it written by profile_steps?")
+    start, end = steps[step]["ts"], steps[step]["ts"] + steps[step]["dur"]
+    calls = sorted((e for e in events if e["name"].startswith("c10d::") and start <= e["ts"] < end),
+                   key=lambda e: e["ts"])
+    rows = []
+    for e in calls:
+        dims = (e.get("args", {}).get("Input Dims") or [[]])[0]
+        shape = dims[0] if dims and isinstance(dims[0], list) else dims  # a TensorList's first tensor
+        rows.append({"op": e["name"].removeprefix("c10d::"), "shape": tuple(shape), "numel": math.prod(shape)})
+    return rows
+
+
 def step_breakdown(trace_path: str | Path) -> list[dict]:
     """Per profiled step (milliseconds): total, compute, communication, overlap of the two, and idle.
 
@@ -186,7 +206,19 @@ class ActivationMeter:
         with ActivationMeter(model) as meter:
             loss = model(x, y)[1]
         meter.bytes
+
+    Memory kept outside autograd's saved-tensor hooks is reported with :meth:`record`: the outputs that selective
+    activation checkpointing caches (labs_lib.memory.selective_policy). Full checkpointing needs nothing extra: the
+    block inputs a checkpoint keeps are saved through the hooks.
     """
+
+    _open: list[ActivationMeter] = []  # meters whose context is open, innermost last
+
+    @classmethod
+    def record(cls, tensor: torch.Tensor) -> None:
+        """Count ``tensor`` as kept for backward in every open meter (no-op when none is open)."""
+        for meter in cls._open:
+            meter._pack(tensor)
 
     def __init__(self, module: torch.nn.Module | None = None):
         self._params = {p.untyped_storage().data_ptr() for p in module.parameters()} if module is not None else set()
@@ -207,9 +239,11 @@ class ActivationMeter:
     def __enter__(self) -> ActivationMeter:
         self._storages.clear()
         self._hooks.__enter__()
+        ActivationMeter._open.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        ActivationMeter._open.remove(self)
         self._hooks.__exit__(*exc)
 
 
