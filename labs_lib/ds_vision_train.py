@@ -39,7 +39,8 @@ from labs_lib.paths import PROJECT_ROOT
 from labs_lib.vision import ShardedLoader, ViT, ViTConfig, load_digits_split, vit_flops_per_image, vit_profile
 
 __all__ = ["DEFAULT_CONFIG", "build_parser", "settings_from_args", "resolve_ds_config", "check_args", "train",
-           "train_args", "torchrun", "read_metrics", "read_run", "read_predictions", "flops_profile_summary"]
+           "train_args", "torchrun", "read_metrics", "read_run", "read_predictions", "flops_profile_summary",
+           "flops_by_part"]
 
 DEFAULT_CONFIG = PROJECT_ROOT / "configs" / "deepspeed" / "vit_zero2_bf16.json"
 WARMUP_FRACTION = 0.1
@@ -374,6 +375,25 @@ def flops_profile_summary(path: str | Path) -> dict:
             stack.append((indent, name))
     out["modules"] = modules
     return out
+
+
+def flops_by_part(summary: dict) -> dict[str, float]:
+    """Forward FLOPs (2 × the profiler's MACs) of one micro-batch by kind of work, summed over the blocks: the patch
+    embedding, qkv projection, attention itself (q kᵀ and the weighted sum of v: the attention module's MACs that
+    are not in its two Linear layers), output projection, the MLP's two Linear layers, and the classifier head."""
+    m = summary["modules"]
+    blocks = sorted({name.split(".")[1] for name in m if name.startswith("blocks.")}, key=int)
+    parts = {"patch embedding": 2 * m["patch_embed"]["macs"], "qkv": 0.0, "attention q·kᵀ, ·v": 0.0,
+             "attention proj": 0.0, "MLP fc": 0.0, "MLP proj": 0.0}
+    for b in blocks:
+        attn, qkv, proj = (m[f"blocks.{b}.attn{s}"]["macs"] for s in ("", ".qkv", ".proj"))
+        parts["qkv"] += 2 * qkv
+        parts["attention q·kᵀ, ·v"] += 2 * (attn - qkv - proj)
+        parts["attention proj"] += 2 * proj
+        parts["MLP fc"] += 2 * m[f"blocks.{b}.mlp.fc"]["macs"]
+        parts["MLP proj"] += 2 * m[f"blocks.{b}.mlp.proj"]["macs"]
+    parts["head"] = 2 * m["head"]["macs"]
+    return parts
 
 
 # ------------------------------------------------------------------------------------- launching from a notebook

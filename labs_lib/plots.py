@@ -166,3 +166,96 @@ def plot_pipeline_memory(in_flight: dict[str, dict[int, int]], activation_mb: di
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return axes
+
+
+# ------------------------------------------------------------------------------------------------------ vision
+def plot_digits(images, labels, predictions=None, confidences=None, cols: int = 10, title: str | None = None):
+    """A grid of 8×8 grey digits with their labels; with ``predictions``, "pred (true)" and mistakes in red."""
+    n = len(images)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.25 * cols, 1.6 * rows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= n:
+            continue
+        ax.imshow(images[i].reshape(8, 8), cmap="gray_r", vmin=0, vmax=16)
+        if predictions is None:
+            ax.set_title(str(int(labels[i])), fontsize=10)
+        else:
+            right = int(predictions[i]) == int(labels[i])
+            text = f"{int(predictions[i])}" + ("" if right else f" ({int(labels[i])})")
+            if confidences is not None:
+                text += f" {confidences[i]:.0%}"
+            ax.set_title(text, fontsize=9, color="black" if right else "red")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return axes
+
+
+def plot_patches(image, patch_size: int, ax=None):
+    """One 8×8 digit cut into patch_size × patch_size patches, numbered in the order the ViT reads them."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(3.5, 3.5))
+    ax.imshow(image.reshape(8, 8), cmap="gray_r", vmin=0, vmax=16)
+    per_side = 8 // patch_size
+    for k in range(1, per_side):
+        ax.axhline(k * patch_size - 0.5, color="tab:red", lw=2)
+        ax.axvline(k * patch_size - 0.5, color="tab:red", lw=2)
+    for r in range(per_side):
+        for c in range(per_side):
+            ax.text(c * patch_size - 0.4, r * patch_size - 0.1, str(1 + r * per_side + c), color="tab:red",
+                    fontsize=9, va="top")
+    ax.set(xticks=[], yticks=[], title=f"{per_side * per_side} patches of {patch_size}×{patch_size} pixels")
+    return ax
+
+
+def plot_epochs(records: list[dict], axes=None):
+    """Training and held-out loss, and held-out accuracy, per epoch (records of labs_lib.ds_vision_train)."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(12, 4))
+    epochs = [r["epoch"] for r in records]
+    axes[0].plot(epochs, [r["loss"] for r in records], "o-", label="training (mean over the epoch)")
+    axes[0].plot(epochs, [r["test_loss"] for r in records], "s--", label="held-out test set")
+    axes[0].set(xlabel="epoch", ylabel="cross-entropy (nats)", yscale="log", title="loss")
+    axes[1].plot(epochs, [100 * r["test_accuracy"] for r in records], "o-", color="tab:green")
+    axes[1].axhline(90, color="k", ls="--", lw=1, label="90 %")
+    axes[1].set(xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100), title="held-out accuracy")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return axes
+
+
+def plot_flops_parts(parts: dict[str, float], ax=None):
+    """Horizontal bars: forward FLOPs by kind of work, with each one's share."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3.5))
+    total = sum(parts.values())
+    names = list(parts)[::-1]
+    ax.barh(names, [parts[n] / 1e6 for n in names], color="tab:blue")
+    for i, n in enumerate(names):
+        ax.text(parts[n] / 1e6, i, f" {parts[n] / total:.1%}", va="center", fontsize=9)
+    ax.set(xlabel="forward MFLOPs per micro-batch (2 × profiler MACs)", title="where the FLOPs go")
+    ax.set_xlim(0, 1.15 * max(parts.values()) / 1e6)
+    ax.grid(alpha=0.3, axis="x")
+    return ax
+
+
+def plot_flops_vs_patch(patch_sizes, formula, profiler, attention_share, ax=None):
+    """Forward FLOPs per image against patch size (formula line, profiler points) and attention's share."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    tokens = [(8 // p) ** 2 + 1 for p in patch_sizes]
+    ax.plot(tokens, [f / 1e6 for f in formula], "-", label="formula")
+    ax.plot(tokens, [f / 1e6 for f in profiler], "o", label="DeepSpeed profiler (2 × MACs)")
+    for t, f, share in zip(tokens, formula, attention_share):
+        ax.annotate(f"attention {share:.0%}", (t, f / 1e6), textcoords="offset points", xytext=(5, -12), fontsize=8)
+    ax.set(xscale="log", yscale="log", xlabel="sequence length T (patches + class token)",
+           ylabel="forward MFLOPs per image", title="cost per image vs patch size")
+    ax.minorticks_off()
+    ax.set_xticks(tokens, [f"{t}\n(patch {p})" for t, p in zip(tokens, patch_sizes)])
+    ax.set_xlim(tokens[0] / 1.3, tokens[-1] * 1.6)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax

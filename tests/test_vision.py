@@ -3,10 +3,12 @@
 import json
 import os
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 
 from labs_lib import ds_vision_train as dvt
+from labs_lib import plots
 from labs_lib.vision import (
     ShardedLoader,
     ViT,
@@ -140,3 +142,15 @@ def test_zero2_bf16_on_two_ranks_learns_the_digits(tmp_path):
     assert modules["blocks.0.mlp.fc"]["macs"] == pytest.approx(32 * 5 * 64 * 256, rel=5e-3)
     assert {"patch_embed", "blocks.1.attn.qkv", "head"} <= set(modules)
     assert json.loads((out / "run.json").read_text())["deepspeed"]["flops_profiler"]["enabled"]
+    parts = dvt.flops_by_part(summary)
+    assert sum(parts.values()) == pytest.approx(2 * summary["fwd_macs"], rel=2e-3)
+    assert parts["MLP fc"] + parts["MLP proj"] > 0.6 * sum(parts.values())  # 16Td² of 24Td² + 4T²d
+
+    # the lab's figures draw from the run's files
+    data = load_digits_split()
+    plots.plot_epochs(metrics)
+    plots.plot_digits(data.raw_test[:12], preds["label"][:12], preds["prediction"][:12], preds["confidence"][:12])
+    plots.plot_patches(data.raw_test[0], run["model"]["patch_size"])
+    plots.plot_flops_parts(parts)
+    plots.plot_flops_vs_patch([4, 2], [1e6, 3e6], [1e6, 3e6], [0.01, 0.04])
+    plt.close("all")
