@@ -175,6 +175,10 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
     info = init_distributed()
     out = Path(out)
     parallel = check_layout(model_cfg, cfg, parallel or ParallelConfig(), info.world_size, info.device.type)
+    latest = checkpoint.latest_checkpoint(out / "checkpoints") if resume else None
+    saved = checkpoint.load_meta(latest) if latest is not None else None
+    if saved is not None:
+        _check_same_layout(saved, parallel, latest)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg.data, cfg.tokenizer_vocab, cfg.corpus_max_bytes, cfg.val_fraction,
@@ -188,10 +192,6 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
     # Tensor or pipeline parallelism: a mesh of process groups; data parallelism alone: torch DDP over the world.
     mesh = build_mesh(parallel, info.rank, info.world_size) if parallel.tp * parallel.pp > 1 else None
     dp_rank = mesh.dp_rank if mesh else info.rank
-    latest = checkpoint.latest_checkpoint(out / "checkpoints") if resume else None
-    saved = checkpoint.load_meta(latest) if latest is not None else None
-    if saved is not None:
-        _check_same_layout(saved, parallel, latest)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
     model = GPT(model_cfg).to(info.device)
