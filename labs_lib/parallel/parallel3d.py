@@ -79,6 +79,7 @@ class Parallel3D(nn.Module):
             return self.stages[0](idx, targets)
         return None, self._pipeline_loss(idx, targets)
 
+    @torch.no_grad()
     def _pipeline_loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The whole batch through the stages in pipeline order (blocking send/recv); the last stage's loss is
         broadcast over the pipeline."""
