@@ -6,7 +6,6 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export LABS_BUILD_DIR ?= $(CURDIR)/build
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/build/torch_extensions
-export DS_ACCELERATOR ?= cpu
 JUPYTER_ENV := JUPYTER_CONFIG_DIR=$(CURDIR)/build/jupyter/config JUPYTER_DATA_DIR=$(CURDIR)/build/jupyter/data \
 	JUPYTER_RUNTIME_DIR=$(CURDIR)/build/jupyter/runtime IPYTHONDIR=$(CURDIR)/build/jupyter/ipython
 PYTEST_ARGS ?=
