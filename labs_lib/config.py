@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 PROFILES = ("ci", "cpu", "gpu")
 DTYPES = ("fp32", "bf16", "fp16")
+CHECKPOINT_MODES = ("none", "full", "selective")  # activation checkpointing (labs_lib.memory)
 
 
 @dataclass
@@ -85,6 +86,8 @@ class TrainConfig:
     ddp_overlap: bool = True  # all-reduce buckets during backward (False: one all-reduce after backward)
     trace_steps: int = 0  # >0: torch.profiler trace of that many steps (after 1 skipped + 1 warm-up) into out/trace
     compile: bool = False  # torch.compile the model (GPU: fused kernels; the first steps pay for compilation)
+    activation_checkpointing: str = "none"  # none | full | selective (labs_lib.memory)
+    zero_stage: int = 0  # 0: DDP; 1/2/3: ZeRO by hand (labs_lib.memory.ZeroDataParallel), data parallel only
 
     def schedule_steps(self) -> int:
         return self.lr_decay_steps or self.max_steps
@@ -212,6 +215,16 @@ def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: Paral
         need(train.trace_steps == 0 or train.max_steps >= train.trace_steps + 2,
              f"tracing {train.trace_steps} steps needs max_steps >= {train.trace_steps + 2} (1 skipped + 1 warm-up): "
              "raise max_steps or lower trace_steps")
+        need(train.activation_checkpointing in CHECKPOINT_MODES,
+             f"activation_checkpointing {train.activation_checkpointing!r} does not exist: choose one of "
+             f"{', '.join(CHECKPOINT_MODES)}")
+        need(train.zero_stage in (0, 1, 2, 3), f"zero_stage={train.zero_stage} does not exist: use 0, 1, 2 or 3")
+        need(train.zero_stage == 0 or train.dtype != "fp16",
+             "fp16 loss scaling is not supported with --zero-stage (the scaler cannot see the sharded gradients): "
+             "use --dtype bf16")
+        need(train.zero_stage != 3 or not train.compile,
+             "--zero-stage 3 removes the parameters from the modules, which torch.compile does not follow: "
+             "use --no-compile")
         need(0.0 < train.val_fraction < 0.5, f"val_fraction must lie in (0, 0.5), got {train.val_fraction}")
         need(train.tokenizer_vocab >= 257,
              f"tokenizer_vocab={train.tokenizer_vocab} is smaller than the 256 byte symbols + 1 special token: "
@@ -234,3 +247,9 @@ def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: Paral
              f"{p.tp} (e.g. {_padded(model.vocab_size, 64 * p.tp)})")
         need(model.n_layer % p.pp == 0,
              f"n_layer={model.n_layer} is not divisible by pp={p.pp}: choose pp among the divisors of n_layer")
+        if train is not None and train.zero_stage:
+            need(p.tp * p.pp == 1,
+                 f"--zero-stage {train.zero_stage} (ZeRO by hand) runs on plain data parallelism, but tp={p.tp} "
+                 f"pp={p.pp}: drop --tp/--pp, or use --zero-stage 0 with tensor/pipeline parallelism")
+            need(world_size > 1, f"--zero-stage {train.zero_stage} shards over the data-parallel ranks, and this "
+                                 "run has one: launch 2 or more (torchrun --nproc-per-node=2), or use --zero-stage 0")

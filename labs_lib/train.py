@@ -6,6 +6,8 @@
     python -m labs_lib.train --profile ci --out build/runs/demo --resume         # continue from "latest"
     torchrun --standalone --nproc-per-node=8 -m labs_lib.train --profile ci --out build/runs/3d \
         --tp 2 --pp 2 --micro-batches 4                                          # 2 replicas x 2 stages x 2 TP
+    torchrun --standalone --nproc-per-node=2 -m labs_lib.train --profile ci --out build/runs/z2 \
+        --zero-stage 2 --activation-checkpointing selective                      # ZeRO-2 by hand, recompute
 
 Data parallelism is torch's DistributedDataParallel. Each optimizer step sees ``batch_size x grad_accum x world``
 sequences; the data loader hands every rank a disjoint slice of the same global batch, so 2 ranks with batch 4
@@ -15,7 +17,14 @@ With ``--tp`` / ``--pp`` the ranks form a DP x TP x PP mesh (labs_lib.parallel.m
 split by tensor parallelism, cut into pipeline stages, and each of the ``dp`` replicas of that pipeline reads its
 own slice of the global batch (``batch_size x grad_accum x dp`` sequences per step). Checkpoints stay single-device
 (weights gathered on save, sharded again on resume); the optimizer state is saved per shard, so resuming needs the
-same ``--tp``/``--pp``/``--pp-chunks``. Outputs in ``--out``:
+same ``--tp``/``--pp``/``--pp-chunks``.
+
+Memory saving (labs_lib.memory): ``--activation-checkpointing full|selective`` recomputes each transformer block
+(or the cheap parts of it) in backward, on any layout. ``--zero-stage 1|2|3`` replaces DDP with ZeRO by hand
+(labs_lib.parallel.zero; data parallelism only): weights are gathered whole into the checkpoint, each rank saves its
+own optimizer shard, so resuming needs the same stage and number of ranks. On the data-parallel path every record
+has ``mem_rank<r>``: the bytes of parameters, gradients and optimizer state rank r holds after the step
+(labs_lib.parallel.zero.held_bytes; DDP's own gradient buckets are not counted). Outputs in ``--out``:
 
     metrics.jsonl   one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, ... (+ val_loss)
     config.json     the resolved model / train settings and world size
@@ -44,11 +53,19 @@ from labs_lib import checkpoint
 from labs_lib.config import GPTConfig, ParallelConfig, TrainConfig, get_profile, override
 from labs_lib.data import TokenBatches, eval_batches, prepare_data
 from labs_lib.dist import DistInfo, all_reduce_mean, cleanup, init_distributed, print0
+from labs_lib.memory import (
+    CHECKPOINT_MODES,
+    ZeroDataParallel,
+    apply_activation_checkpointing,
+    check_zero_resume,
+    gather_held_bytes,
+)
 from labs_lib.model import GPT
 from labs_lib.parallel.mesh import Mesh, build_mesh, check_layout
 from labs_lib.parallel.parallel3d import Parallel3D
 from labs_lib.parallel.pipeline import SCHEDULES
 from labs_lib.parallel.tensor_parallel import TP_RNG, get_rng_tracker, tensor_parallel_manual_seed
+from labs_lib.parallel.zero import held_bytes
 from labs_lib.profiling import profile_steps
 
 # Fault injection for the resume tests: SIGKILL this process after the given step, or halfway through writing
@@ -142,9 +159,13 @@ def _check_same_layout(saved: dict, parallel: ParallelConfig, path: Path) -> Non
 
 
 def save(out: Path, step: int, model: GPT | Parallel3D, optimizer, batches: TokenBatches, meta: dict,
-         info: DistInfo, cfg: TrainConfig, mesh: Mesh | None = None) -> None:
+         info: DistInfo, cfg: TrainConfig, mesh: Mesh | None = None, zero: ZeroDataParallel | None = None) -> None:
     tmp = checkpoint.begin(out / "checkpoints", step)
-    if mesh is None:
+    if zero is not None:  # ZeRO: the weights gathered whole (stage 3: a collective), each rank's optimizer shard
+        checkpoint.write_rank_state(tmp, info.rank)
+        model_state, optimizer_state = zero.full_state_dict(), None
+        checkpoint.write_optimizer_shard(tmp, zero.shard_name(info.rank), optimizer.state_dict())
+    elif mesh is None:
         checkpoint.write_rank_state(tmp, info.rank)
         model_state = model.state_dict() if info.is_main else None
         optimizer_state = optimizer.state_dict()
@@ -179,6 +200,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
     saved = checkpoint.load_meta(latest) if latest is not None else None
     if saved is not None:
         _check_same_layout(saved, parallel, latest)
+        check_zero_resume(saved, cfg.zero_stage, info.world_size, latest)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg.data, cfg.tokenizer_vocab, cfg.corpus_max_bytes, cfg.val_fraction,
@@ -199,6 +221,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
         if saved is not None:  # the checkpoint is single-device: load it whole, the shards are cut from it
             model.load_state_dict(checkpoint.load_model_state(latest))
         model = Parallel3D(model, mesh, parallel)  # TP, then pipeline stages; DP is the gradient all-reduce below
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)  # after TP, before compile and DP/ZeRO
     optimizer = make_optimizer(model, cfg)
     # Every TP and PP rank of one replica reads the same batch: the replica's slice of the global batch.
     batches = TokenBatches(data.train_path, cfg.batch_size, model_cfg.block_size, dp_rank, parallel.dp,
@@ -213,7 +236,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
     if saved is not None:
         if mesh is None:
             model.load_state_dict(checkpoint.load_model_state(latest))
-            optimizer.load_state_dict(checkpoint.load_optimizer_state(latest))
+            if not cfg.zero_stage:  # ZeRO: each rank's shard, once the sharded optimizer exists (below)
+                optimizer.load_state_dict(checkpoint.load_optimizer_state(latest))
         else:
             optimizer.load_state_dict(checkpoint.load_optimizer_shard(latest, mesh.shard_name))
         batches.load_state_dict(saved["data"])
@@ -230,11 +254,18 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
         elif metrics_path.exists():
             metrics_path.unlink()
 
+    zero = None
     if mesh is None:
         compiled = torch.compile(model) if cfg.compile else model  # compile, then wrap (torchtitan's order)
         ddp = DistributedDataParallel(compiled, bucket_cap_mb=cfg.ddp_bucket_mb) if info.distributed else compiled
+        if cfg.zero_stage:  # ZeRO by hand instead of DDP: it owns the forward, the optimizer and the sync
+            zero = ZeroDataParallel(model, cfg.zero_stage, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay,
+                                    cfg.ddp_bucket_mb, forward_model=compiled)
+            ddp, optimizer = zero, zero.optimizer
+            if saved is not None:
+                optimizer.load_state_dict(checkpoint.load_optimizer_shard(latest, zero.shard_name(info.rank)))
         # Without overlap every micro-batch runs under no_sync and the gradients are all-reduced after backward.
-        overlap = cfg.ddp_overlap or not info.distributed
+        overlap = cfg.ddp_overlap or not info.distributed or zero is not None
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.dtype == "fp16")
     tokens_per_step = cfg.batch_size * model_cfg.block_size * cfg.grad_accum * parallel.dp
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", mininterval=1.0,
@@ -253,7 +284,10 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
             for micro in range(cfg.grad_accum):
                 x, y = (t.to(info.device, non_blocking=True) for t in next(batches))
                 last = micro == cfg.grad_accum - 1
-                sync = contextlib.nullcontext() if (last and overlap) or not info.distributed else ddp.no_sync()
+                if zero is not None:  # stage 1: no_sync but for the last; 2/3: reduce-scatter after each backward
+                    sync = zero.micro_batch(last)
+                else:
+                    sync = contextlib.nullcontext() if (last and overlap) or not info.distributed else ddp.no_sync()
                 with sync:
                     with _autocast(cfg.dtype, info.device):
                         loss = ddp(x, y)[1] / cfg.grad_accum
@@ -262,7 +296,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
             if not overlap:
                 all_reduce_gradients(model, info.world_size)
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+            grad_norm = (zero.clip_grad_norm_(cfg.grad_clip or float("inf")) if zero is not None else
+                         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf")))
         else:
             for _ in range(cfg.grad_accum):
                 x, y = (t.to(info.device, non_blocking=True) for t in next(batches))
@@ -273,6 +308,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
             grad_norm = model.clip_grad_norm_(cfg.grad_clip or float("inf"))
         scaler.step(optimizer)
         scaler.update()
+        held = None if mesh is not None else zero.held_bytes() if zero is not None else held_bytes(model, optimizer)
         optimizer.zero_grad(set_to_none=True)
         if info.device.type == "cuda":
             torch.cuda.synchronize()
@@ -284,8 +320,10 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
         record = {"step": step, "loss": all_reduce_mean(loss_sum.item()), "lr": lr, "grad_norm": grad_norm.item(),
                   "tokens_per_s": tokens_per_step / step_time, "step_time_s": step_time,
                   "tokens": step * tokens_per_step, "elapsed_s": time.perf_counter() - t_start}
+        if held is not None:
+            record.update(gather_held_bytes(held, info.world_size, info.device))
         if cfg.eval_interval and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
-            record["val_loss"] = evaluate(model, val, cfg, info.device)
+            record["val_loss"] = evaluate(zero or model, val, cfg, info.device)
         if info.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -293,7 +331,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.max_steps:
-            save(out, step, model, optimizer, batches, meta, info, cfg, mesh)
+            save(out, step, model, optimizer, batches, meta, info, cfg, mesh, zero)
         if os.environ.get(KILL_AFTER_STEP) == str(step):
             os.kill(os.getpid(), signal.SIGKILL)
     tracer.__exit__(None, None, None)
@@ -328,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ddp-overlap", action=argparse.BooleanOptionalAction,
                        help="--no-ddp-overlap: all-reduce gradients after backward instead of during it")
     train.add_argument("--dtype", choices=("fp32", "bf16", "fp16"))
+    memory = p.add_argument_group("memory saving (labs_lib.memory)")
+    memory.add_argument("--activation-checkpointing", choices=CHECKPOINT_MODES,
+                        help="recompute in backward: full blocks, or selective (all but the matmuls); default none")
+    memory.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3),
+                        help="ZeRO by hand instead of DDP: 1 optimizer state, 2 + gradients, 3 + parameters sharded "
+                             "over the ranks (data parallel only; default 0)")
     layout = p.add_argument_group("3D parallelism (default: data parallel over every rank)")
     layout.add_argument("--dp", type=int, help="data-parallel replicas (default: world size / (tp * pp))")
     layout.add_argument("--tp", type=int, help="tensor-parallel ranks per layer (1)")
