@@ -53,7 +53,8 @@ from labs_lib.parallel.zero import FullyShardedModule, ShardedOptimizer, held_by
 from labs_lib.profiling import ActivationMeter
 
 __all__ = ["CHECKPOINT_MODES", "ZERO_STAGES", "apply_activation_checkpointing", "selective_policy",
-           "ZeroDataParallel", "clip_sharded_grad_norm_", "gather_held_bytes"]
+           "activation_bytes_formula", "ZeroDataParallel", "clip_sharded_grad_norm_", "gather_held_bytes",
+           "check_zero_resume"]
 
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -250,3 +251,47 @@ def check_zero_resume(saved: dict, stage: int, world_size: int, path) -> None:
         raise ValueError(f"{path} was written with --zero-stage {was_stage} on {was_world} rank(s), this run has "
                          f"--zero-stage {stage} on {world_size}: resume with {how} (its weights are single-device: "
                          "python -m labs_lib.generate reads them anyway)")
+
+
+# ------------------------------------------------------------------------------------- activation memory, the formula
+def activation_bytes_formula(cfg, micro_batch: int, seq_len: int | None = None, dtype: str = "fp32",
+                             mode: str = "none") -> float:
+    """Bytes one transformer block of labs_lib's GPT keeps for backward: Korthikanti et al.'s sbh(34 + 5as/h),
+    redone for this model. s sequence, b micro-batch, h width, a heads; B = bytes of the compute dtype (4 fp32,
+    2 bf16 autocast).
+
+    Korthikanti (16-bit, dropout, attention scores stored), in units of sbh bytes: LayerNorm inputs 2+2, qkv input 2,
+    Q and K 4, V 2, projection input 2, fc input 2, GELU input 8, MLP projection input 8, two dropout masks 1+1 = 34,
+    plus 5as/h from the s×s scores: softmax output 2, its dropout mask 1, the dropout output 2 (per head).
+
+    This model, ``mode="none"``, tensor by tensor (what labs_lib.profiling.ActivationMeter sees):
+
+    - the residual stream x and x + attn(x) stay fp32 under autocast (the add of an fp32 and a bf16 tensor is fp32),
+      kept by the two LayerNorms: 4 + 4
+    - LayerNorm runs in fp32 under CPU autocast; the matmul keeps its bf16 cast of the output: B + B
+    - q, k, v are views of the qkv matmul's one output, kept by SDPA: 3B; SDPA's output, kept by SDPA and by the
+      projection (one storage): B; fc output (GELU's input) 4B; GELU output (projection input) 4B
+    - dropout=0: no masks (dropout with p=0 is the identity and saves nothing)
+    - SDPA stores no s×s scores: its backward recomputes them from q, k and the softmax's log-sum-exp, 4 bytes per
+      row and head (4·a·s·b, fp32 always). So 5as/h becomes 4a/h: the attention core is already recomputed inside
+      the fused kernel (FlashAttention's backward), which is what Korthikanti's selective recomputation does by hand
+    - LayerNorm mean and 1/std: 2 LayerNorms × 2 × 4 bytes per row: 16·s·b
+    - bf16 only: autocast's bf16 copies of the four weight matrices (12h² values, 2 bytes), kept for the input
+      gradients: 24h², independent of the batch
+
+    none:       sbh(8 + 14B + 4a/h) + 16sb (+ 24h² with bf16)    fp32: sbh(64 + ...), bf16: sbh(36 + ...)
+    full:       4sbh: the block's input only, fp32 (Korthikanti's 2sbh is the 16-bit input)
+    selective:  sbh(4 + 9B): the input plus the four matmul outputs (3 + 1 + 4 + 1 widths of h)
+    """
+    if mode not in CHECKPOINT_MODES:
+        raise ValueError(f"mode {mode!r} does not exist: choose one of {', '.join(CHECKPOINT_MODES)}")
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"dtype {dtype!r}: the formula covers fp32 and bf16 (autocast)")
+    s, b, h, a = seq_len or cfg.block_size, micro_batch, cfg.n_embd, cfg.n_head
+    B = 4 if dtype == "fp32" else 2
+    sbh = s * b * h
+    if mode == "full":
+        return 4 * sbh
+    if mode == "selective":
+        return sbh * (4 + 9 * B)
+    return sbh * (8 + 14 * B) + 4 * a * s * b + 16 * s * b + (24 * h * h if dtype == "bf16" else 0)
