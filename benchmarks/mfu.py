@@ -61,12 +61,13 @@ def top_kernels(step, device: torch.device, n: int = 12) -> str:
 
 
 def bench(cfg: GPTConfig, batch: int, compiled: bool, dtype: str, device: torch.device, steps: int,
-          warmup: int, sdpa: str = "default", show_kernels: bool = False) -> dict:
+          warmup: int, sdpa: str = "default", show_kernels: bool = False, compile_mode: str = "default") -> dict:
     torch.manual_seed(0)
     model = GPT(cfg).to(device).train()
     fused = device.type == "cuda" or None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
-    forward = torch.compile(model, dynamic=False) if compiled else model  # static shapes: one graph per batch size
+    # static shapes: one graph per batch size; max-autotune times several GEMM/Triton kernels per shape (slow compile)
+    forward = torch.compile(model, dynamic=False, mode=compile_mode) if compiled else model
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), device=device)
     y = torch.roll(x, -1, dims=1)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext())
@@ -99,7 +100,8 @@ def bench(cfg: GPTConfig, batch: int, compiled: bool, dtype: str, device: torch.
     if show_kernels:
         print(top_kernels(step, device))
     row = {"model": f"{cfg.n_layer}L {cfg.n_embd}d", "params": model.num_params(), "dtype": dtype,
-           "compile": compiled, "sdpa": sdpa, "batch": f"{batch}x{cfg.block_size}", "step_ms": round(seconds * 1e3, 2),
+           "compile": compile_mode if compiled else "eager", "sdpa": sdpa, "batch": f"{batch}x{cfg.block_size}",
+           "step_ms": round(seconds * 1e3, 2),
            "tokens/s": round(tokens_per_s), "TFLOP/s": round(model.flops_per_token() * tokens_per_s / 1e12, 1),
            "MFU": round(mfu(model.flops_per_token(), tokens_per_s, peak), 4), "warmup_s": round(warmup_s, 1)}
     if device.type == "cuda":
@@ -117,6 +119,8 @@ def main() -> None:
     p.add_argument("--no-compile", action="store_true", help="only the eager model")
     p.add_argument("--sdpa", nargs="+", default=["default"], choices=["default", "flash", "cudnn", "efficient"],
                    help="attention kernels to compare")
+    p.add_argument("--compile-mode", nargs="+", default=["default"],
+                   choices=["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"])
     p.add_argument("--kernels", action="store_true", help="print the top device kernels of each compiled run")
     p.add_argument("--tag", default="", help="suffix of the results file name (keeps several sweeps apart)")
     p.add_argument("--steps", type=int, default=20 if cuda else 10)
@@ -131,11 +135,12 @@ def main() -> None:
     peak, source = peak_flops(device)
     print(f"peak {peak / 1e12:.1f} TFLOP/s ({source})")
     rows = []
-    runs = [(c, b, a) for c in modes for b in args.batch for a in args.sdpa]
-    for compiled, batch, sdpa in runs:
+    runs = [(c, m, b, a) for c in modes for m in (args.compile_mode if c else ["default"]) for b in args.batch
+            for a in args.sdpa]
+    for compiled, compile_mode, batch, sdpa in runs:
         try:
             row = bench(cfg, batch, compiled, args.dtype, device, args.steps, args.warmup, sdpa,
-                        show_kernels=args.kernels and compiled)
+                        show_kernels=args.kernels and compiled, compile_mode=compile_mode)
         except torch.OutOfMemoryError:
             print(f"batch {batch}: out of memory, skipped")
             row = None
