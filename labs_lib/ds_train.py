@@ -156,8 +156,11 @@ def configs_from_args(args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig,
     values = vars(args)
     model_cfg = override(profile.model, **{k: values[k] for k in ("n_layer", "n_head", "n_embd", "block_size",
                                                                    "dropout")})
-    train_cfg = override(profile.train, **{k: values[k] for k in TrainConfig.__dataclass_fields__ if k in values},
-                         dtype="bf16" if args.bf16 else "fp32", compile=False)
+    own = ("activation_checkpointing",)  # a switch here (DeepSpeed's full recompute), a mode in TrainConfig
+    train_cfg = override(profile.train, **{k: values[k] for k in TrainConfig.__dataclass_fields__
+                                           if k in values and k not in own},
+                         dtype="bf16" if args.bf16 else "fp32", compile=False,
+                         activation_checkpointing="full" if args.activation_checkpointing else "none")
     ds = load_ds_config(args.ds_config)
     # The JSON is the optimizer's truth: clipping and weight decay come from it (for evaluation and config.json too).
     opt = ds.get("optimizer", {}).get("params", {})
