@@ -48,6 +48,8 @@ def write_report() -> Path:
         if result.get("description"):
             parts += [result["description"], ""]
         parts += [markdown_table(result["rows"]), ""]
+        for name, rows in result.get("tables", {}).items():  # further tables of the same benchmark
+            parts += [f"### {name}", "", markdown_table(rows), ""]
     report = RESULTS / "README.md"
     report.write_text("\n".join(parts))
     print(f"wrote {report}")

@@ -54,7 +54,7 @@ from labs_lib.profiling import ActivationMeter
 
 __all__ = ["CHECKPOINT_MODES", "ZERO_STAGES", "apply_activation_checkpointing", "selective_policy",
            "activation_bytes_formula", "ZeroDataParallel", "clip_sharded_grad_norm_", "gather_held_bytes",
-           "check_zero_resume"]
+           "check_zero_resume", "deepspeed_torchrun"]
 
 ZERO_STAGES = (0, 1, 2, 3)
 
@@ -295,3 +295,64 @@ def activation_bytes_formula(cfg, micro_batch: int, seq_len: int | None = None, 
     if mode == "selective":
         return sbh * (4 + 9 * B)
     return sbh * (8 + 14 * B) + 4 * a * s * b + 16 * s * b + (24 * h * h if dtype == "bf16" else 0)
+
+
+# ---------------------------------------------------------------------------------------- DeepSpeed from a notebook
+def deepspeed_torchrun(out, nproc: int = 2, ds_config: str = "zero2.json", profile: str | None = None,
+                       progress: bool = True, **settings) -> list[dict]:
+    """Run ``labs_lib.ds_train`` on ``nproc`` local ranks with torchrun (never in the notebook's kernel); returns its
+    metrics (with ``mem_rank<r>``). The settings are checked first, before any process starts. Settings as in
+    ``labs_lib.ds_train`` (``max_steps=4``, ``bf16=True``, ``activation_checkpointing=True``...)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from labs_lib import ds_train, launch
+
+    out = Path(out)
+    args = launch.train_args(out, profile, False, **settings) + ["--ds-config", str(ds_config)]
+    _, train_cfg = ds_train.check_training_config(args, nproc)  # raises ValueError naming the fix
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    log = out / "train.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "labs_lib.ds_train", *args]
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            code = launch.follow(process, out, train_cfg.max_steps, f"deepspeed x{nproc}", progress)
+        except BaseException:
+            process.terminate()
+            process.wait()
+            raise
+    if code != 0:
+        raise launch.LaunchError(f"DeepSpeed training failed; full log: {log}", code, launch.tail(log))
+    return ds_train.read_metrics(out)
+
+
+# ------------------------------------------------------------------------------------------ the lab's exercise check
+def accumulation_matches_big_batch(fn, cfg=None, batch: int = 8, micro_batches: int = 4, atol: float = 1e-6):
+    """Check a learner's ``fn(model, x, y, micro_batches)`` (gradient accumulation), in this process: it must leave in
+    ``.grad`` the gradient of the mean loss over the whole batch, as one backward on the whole batch does.
+
+    Returns None if ``fn`` is not written yet (returns None or ...), else True / False."""
+    from labs_lib.config import GPTConfig
+    from labs_lib.model import GPT
+
+    cfg = cfg or GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(1))
+    y = x.roll(-1, 1)
+    model(x, y)[1].backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    if fn(model, x, y, micro_batches) in (None, Ellipsis):
+        return None
+    return all(p.grad is not None and torch.allclose(p.grad, reference[n], rtol=0, atol=atol)
+               for n, p in model.named_parameters())

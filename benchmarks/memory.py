@@ -1,0 +1,191 @@
+"""Memory saving, measured next to its formula: ZeRO's per-rank model states and activation checkpointing.
+
+    .venv/bin/python benchmarks/memory.py                 # ~1-2 min on 2 cores; writes benchmarks/results/memory.json
+    .venv/bin/python benchmarks/memory.py --worlds 2 --skip-deepspeed
+
+1. **ZeRO, bytes per rank.** Real runs of the ci-profile GPT (N parameters) under torchrun at 2 and 4 ranks, 2 steps:
+   ``labs_lib.train --zero-stage S`` (ZeRO by hand: ``held_bytes`` after the step, ``mem_rank<r>`` in metrics.jsonl)
+   and ``labs_lib.ds_train --ds-config zeroS.json`` (DeepSpeed: the engine's own tensors). Every rank's parameters,
+   gradients and optimizer state next to the ZeRO paper's formula (labs_lib.parallel.zero.zero_bytes_per_rank),
+   fp32 Adam: weights 4N, gradients 4N, Adam's m and v 8N; stage 1 divides the optimizer state by the ranks R, stage 2
+   the gradients too, stage 3 the weights too. DeepSpeed keeps an fp32 master copy of its partition even when the model
+   is fp32, so its optimizer state (master + m + v) is 12N/R from stage 1 on. DeepSpeed's gradients are reported but
+   not held to the formula: at the step its ZeRO-1 already holds only about its partition (it reduces into partitions
+   and frees the full gradients, like stage 2 but after backward), plus some full-size gradient buffers beyond it.
+
+2. **Activations per layer.** labs_lib.profiling.ActivationMeter around one transformer block (fp32 and bf16 autocast,
+   no checkpointing, full, selective) next to labs_lib.memory.activation_bytes_formula: Korthikanti et al.'s
+   sbh(34 + 5as/h) redone for this model (fp32 residual stream, no dropout masks at dropout=0, SDPA keeping a
+   log-sum-exp instead of the s×s scores: 4a/h instead of 5as/h; derivation in that function's docstring). The 16-bit
+   original is shown beside it for comparison, not as a target.
+
+3. **Recompute overhead.** Median CPU time of a training step (forward, backward, AdamW) with / without checkpointing,
+   alternating rounds in one process on one thread (the cpu profile's shape), as a ratio. Full recompute runs every
+   block's forward twice: the ideal ratio is (1 + 2 + 1·blocks' share) / 3 ~ 4/3 of the compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import save_results  # noqa: E402
+
+from labs_lib.config import get_profile  # noqa: E402
+from labs_lib.memory import CHECKPOINT_MODES, activation_bytes_formula, apply_activation_checkpointing  # noqa: E402
+from labs_lib.model import GPT  # noqa: E402
+from labs_lib.parallel.zero import zero_bytes_per_rank  # noqa: E402
+from labs_lib.planner import activation_bytes_per_layer  # noqa: E402
+from labs_lib.profiling import ActivationMeter  # noqa: E402
+from labs_lib.train import read_metrics  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_ARGS = ["--profile", "ci", "--no-progress", "--max-steps", "2", "--warmup-steps", "1", "--eval-interval", "0",
+            "--checkpoint-interval", "0", "--batch-size", "2"]
+
+
+def _torchrun(module: str, world: int, out: Path, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", "-m", module,
+           "--out", str(out), *RUN_ARGS, *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{result.stderr[-3000:]}")
+    return read_metrics(out)[-1]
+
+
+def zero_rows(worlds: list[int], deepspeed: bool) -> list[dict]:
+    n = GPT(get_profile("ci").model).num_params()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in worlds:
+            for impl in ("by hand", "deepspeed") if deepspeed else ("by hand",):
+                for stage in (0, 1, 2, 3):
+                    t0 = time.perf_counter()
+                    out = Path(tmp) / f"{impl[:2]}{world}_{stage}"
+                    if impl == "by hand":
+                        record = _torchrun("labs_lib.train", world, out, ["--zero-stage", str(stage)])
+                        formula = zero_bytes_per_rank(n, world, stage)
+                    else:
+                        record = _torchrun("labs_lib.ds_train", world, out, ["--ds-config", f"zero{stage}.json"])
+                        formula = zero_bytes_per_rank(n, world, stage, bytes_per_param=(4, 4, 12 if stage else 8))
+                    for rank in range(world):
+                        held = dict(record[f"mem_rank{rank}"])
+                        held["optimizer"] += held.pop("master", 0)  # DeepSpeed: fp32 master partition + m + v
+                        for part in ("params", "grads", "optimizer"):
+                            compared = not (impl == "deepspeed" and part == "grads" and stage in (1, 2))
+                            rows.append({"impl": impl, "ranks": world, "stage": stage, "rank": rank, "part": part,
+                                         "measured MB": held[part] / 1e6, "formula MB": formula[part] / 1e6,
+                                         "ratio": round(held[part] / formula[part], 4),
+                                         "held to 1%": "yes" if compared else "no (see description)"})
+                    print(f"  {impl:9} {world} ranks ZeRO-{stage}: {time.perf_counter() - t0:4.1f} s", flush=True)
+    return rows
+
+
+def activation_rows(profiles: list[str]) -> list[dict]:
+    rows = []
+    for name in profiles:
+        cfg, batch = get_profile(name).model, get_profile(name).train.batch_size
+        sbh = cfg.block_size * batch * cfg.n_embd
+        for dtype in ("fp32", "bf16"):
+            for mode in CHECKPOINT_MODES:
+                torch.manual_seed(0)
+                model = apply_activation_checkpointing(GPT(cfg), mode)
+                x = torch.randn(batch, cfg.block_size, cfg.n_embd, requires_grad=True) * 1.0
+                with ActivationMeter(model) as meter, torch.autocast("cpu", torch.bfloat16, enabled=dtype == "bf16"):
+                    model.blocks[0](x)
+                formula = activation_bytes_formula(cfg, batch, dtype=dtype, mode=mode)
+                korthikanti = {"none": activation_bytes_per_layer(cfg, batch), "full": 2 * sbh}.get(mode)
+                rows.append({"profile": name, "s,b,h,a": f"{cfg.block_size},{batch},{cfg.n_embd},{cfg.n_head}",
+                             "dtype": dtype, "checkpointing": mode, "measured MB": meter.bytes / 1e6,
+                             "measured / sbh": round(meter.bytes / sbh, 3), "formula MB": formula / 1e6,
+                             "ratio": round(meter.bytes / formula, 4),
+                             "16-bit paper formula MB": korthikanti / 1e6 if korthikanti else "-"})
+    return rows
+
+
+def step_time(model, optimizer, x, steps: int) -> float:
+    """CPU seconds of this process per training step: on one thread, the compute itself, whatever else runs on the
+    machine (wall-clock time on a shared 2-core machine swings by 2x and more)."""
+    t0 = time.process_time()
+    for _ in range(steps):
+        model(x, x.roll(-1, 1))[1].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return (time.process_time() - t0) / steps
+
+
+def recompute_rows(profile: str, rounds: int, steps: int, threads: int = 1) -> list[dict]:
+    # One thread: on a shared 2-core machine, OpenMP threads waiting for a busy core make times jump 5-10x.
+    torch.set_num_threads(threads)
+    cfg, batch = get_profile(profile).model, get_profile(profile).train.batch_size
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for mode in CHECKPOINT_MODES:
+        torch.manual_seed(0)
+        model = apply_activation_checkpointing(GPT(cfg), mode)
+        runs[mode] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
+        step_time(*runs[mode], x, 2)  # warm-up
+    times = {mode: [] for mode in runs}
+    for r in range(rounds):
+        for mode in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+            times[mode].append(step_time(*runs[mode], x, steps))
+    base = statistics.median(times["none"])
+    return [{"profile": profile, "threads": threads, "checkpointing": mode,
+             "step CPU ms (median)": statistics.median(t) * 1e3,
+             "time ratio vs none": round(statistics.median(t) / base, 3)} for mode, t in times.items()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="numbers of ranks for the ZeRO runs")
+    p.add_argument("--skip-deepspeed", action="store_true")
+    p.add_argument("--profiles", nargs="+", default=["ci", "cpu"], help="model shapes for the activation rows")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="torch threads for the recompute timing")
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    print("ZeRO runs under torchrun:", flush=True)
+    zero = zero_rows(args.worlds, not args.skip_deepspeed)
+    activations = activation_rows(args.profiles)
+    print("recompute overhead (cpu profile):", flush=True)
+    recompute = recompute_rows("cpu", args.rounds, args.steps, args.threads)
+
+    from labs_lib.planner import format_table
+
+    print(format_table([{k: v for k, v in r.items() if k != "held to 1%"} for r in zero if r["rank"] == 0], 4))
+    print(format_table(activations, 4))
+    print(format_table(recompute, 3))
+    held = [r for r in zero if r["held to 1%"] == "yes"]
+    bad = [r for r in held if abs(r["ratio"] - 1) > 0.01] + [r for r in activations if abs(r["ratio"] - 1) > 0.10]
+    summary = {"zero rows held to 1%": len(held), "zero rows off by more than 1%": sum(abs(r["ratio"] - 1) > 0.01
+                                                                                      for r in held),
+               "activation rows off by more than 10%": sum(abs(r["ratio"] - 1) > 0.10 for r in activations),
+               "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(summary))
+    tables = {"activation bytes per layer: ActivationMeter vs formula": activations,
+              "recompute overhead: step time with / without checkpointing": recompute}
+    save_results("memory", zero, tables=tables, summary=summary, description=(
+        "Per-rank model-state bytes of ZeRO by hand (labs_lib.train --zero-stage) and DeepSpeed (labs_lib.ds_train) "
+        "at 2 and 4 ranks vs zero_bytes_per_rank (fp32 Adam; DeepSpeed's optimizer state = fp32 master + m + v, "
+        "12 bytes/param from stage 1; DeepSpeed's ZeRO-1/2 gradients are shown, not held to the formula: it keeps "
+        "about its partition plus some full-size gradient buffers at the step); activation bytes per block "
+        "(ActivationMeter) vs labs_lib.memory.activation_bytes_formula; step time with checkpointing / without. "
+        "Details: benchmarks/memory.py's docstring."))
+    if bad:
+        raise SystemExit(f"{len(bad)} row(s) off their formula: {bad[:3]}")
+
+
+if __name__ == "__main__":
+    main()
