@@ -35,6 +35,7 @@ afterwards (``scale_grads=True``).
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from typing import NamedTuple
 
 import torch
@@ -191,7 +192,7 @@ class Event(NamedTuple):
     end: float
 
 
-class PipelineSchedule:
+class PipelineSchedule(ABC):
     """Runs one training step of a rank's stage(s) over ``micro_batches`` micro-batches; subclasses choose the order.
 
     Timeline of the last step, per rank, in ``self.timeline``:
@@ -229,8 +230,9 @@ class PipelineSchedule:
         check_pipeline(self.first.config.n_layer, self.first.pp_size, batch_size, self.micro_batches, self.name,
                        len(self.stages))
 
+    @abstractmethod
     def _run(self) -> None:
-        raise NotImplementedError
+        """Run this step's forwards and backwards in the schedule's order (GPipe, 1F1B, interleaved)."""
 
     def step(self, idx: torch.Tensor, targets: torch.Tensor) -> float:
         """Forward and backward of the batch ``idx`` → ``targets`` (B, T), in micro-batches; gradients accumulate in
