@@ -81,6 +81,24 @@ def test_weight_decay_groups_match_make_optimizer():
     assert [g["weight_decay"] for g in ours] == [g["weight_decay"] for g in theirs]
 
 
+def test_deepspeed_formula_counts_whole_boundary_parameters_and_padding():
+    """ZeRO-1/2 gradients at the step: every parameter overlapping the rank's partition, whole, plus the zeros that
+    pad the last partition (the group padded to a multiple of 2R elements); offload: exactly the partition."""
+    # one group of 10 + 6 elements on 4 ranks: padded to 16, partitions of 4: [0,4) [4,8) [8,12) [12,16)
+    grads = [ds_train.deepspeed_bytes_per_rank([[10, 6]], 4, r, 2)["grads"] // 4 for r in range(4)]
+    assert grads == [10, 10, 16, 6]
+    # 5 elements on 2 ranks: padded to 8, rank 1 owns [4,8): the 5-element parameter whole + 3 zeros of padding
+    assert [ds_train.deepspeed_bytes_per_rank([[5]], 2, r, 1)["grads"] // 4 for r in (0, 1)] == [5, 8]
+    assert ds_train.deepspeed_bytes_per_rank([[5]], 2, 1, 2, offload=True)["grads"] == 4 * 4
+    # master + m + v of the padded partition, plus AdamW's 4-byte step per flat group (none for DeepSpeedCPUAdam)
+    assert ds_train.deepspeed_bytes_per_rank([[5], [3]], 2, 0, 1)["optimizer"] == 12 * (4 + 2) + 4 * 2
+    assert ds_train.deepspeed_bytes_per_rank([[5], [3]], 2, 0, 1, offload=True)["optimizer"] == 12 * (4 + 2)
+    z3 = ds_train.deepspeed_bytes_per_rank([[5], [3]], 2, 0, 3)  # each parameter padded to a multiple of R, split
+    assert (z3["params"], z3["grads"], z3["optimizer"]) == (4 * 5, 4 * 5, 12 * 5 + 4 * 2)
+    z0 = ds_train.deepspeed_bytes_per_rank([[5], [3]], 2, 0, 0)
+    assert (z0["params"], z0["grads"], z0["optimizer"]) == (4 * 8, 4 * 8, 8 * 8 + 4 * 2)
+
+
 def bad_config(tmp_path, **changes) -> Path:
     ds = json.loads((CONFIGS / "zero2.json").read_text()) | changes
     path = tmp_path / "bad.json"
@@ -153,18 +171,28 @@ def test_offload_trains_and_matches(runs):
 
 
 @pytest.mark.slow
-def test_zero_shards_optimizer_state(runs):
-    """Adam's two fp32 moments: 8 bytes per parameter on each rank with ZeRO-0, half of that on 2 ranks with
-    ZeRO-1/2/3; ZeRO-3 also halves the parameters each rank holds."""
+def test_zero_ranks_hold_what_deepspeed_allocates(runs):
+    """Every rank's parameters, gradients (after backward at the boundary) and optimizer state (fp32 master + Adam's
+    moments) within 1% of ds_train.deepspeed_bytes_per_rank, for each stage and ZeRO-Offload; and the ZeRO story
+    itself: ZeRO-1/2/3 halve the optimizer state on 2 ranks, ZeRO-2 the gradients (about), ZeRO-3 the weights."""
+    model = GPT(get_profile("ci").model)
+    n = model.num_params()
+    groups = [[p.numel() for p in g["params"]] for g in ds_train.optimizer_groups(model, 0.1)]
     mem = {s: read_metrics(runs[s])[-1] for s in (*STAGES, "zero2_offload")}
-    n = GPT(get_profile("ci").model).num_params()
+    for name, record in mem.items():
+        stage, offload = int(name[4]), name.endswith("offload")
+        for rank in (0, 1):
+            held = dict(record[f"mem_rank{rank}"])
+            held["optimizer"] += held.pop("master")
+            formula = ds_train.deepspeed_bytes_per_rank(groups, 2, rank, stage, offload=offload)
+            for part in ("params", "grads", "optimizer"):
+                assert held[part] == pytest.approx(formula[part], rel=0.01), (name, rank, part, held, formula)
     zero0 = mem["zero0"]["mem_rank0"]
     assert zero0["optimizer"] == pytest.approx(8 * n, rel=1e-3) and zero0["params"] == 4 * n
-    for stage in ("zero1", "zero2", "zero3", "zero2_offload"):
-        for rank in (0, 1):
-            held = mem[stage][f"mem_rank{rank}"]
-            assert held["optimizer"] == pytest.approx(zero0["optimizer"] / 2, rel=0.01), (stage, rank, held)
     for rank in (0, 1):
+        for name in ("zero1", "zero2", "zero3", "zero2_offload"):
+            held = mem[name][f"mem_rank{rank}"]
+            assert held["optimizer"] == pytest.approx(zero0["optimizer"] / 2, rel=0.01), (name, rank, held)
         assert mem["zero3"][f"mem_rank{rank}"]["params"] == pytest.approx(zero0["params"] / 2, rel=0.01)
         assert mem["zero2"][f"mem_rank{rank}"]["grads"] < 0.7 * zero0["grads"]
 
