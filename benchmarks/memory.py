@@ -15,7 +15,7 @@
    an fp32 master copy of its partition even when the model is fp32 (optimizer state 12N/R from stage 1 on), its
    partitions padded to a multiple of 2R elements, AdamW's 4-byte step counters, and -- the one large term -- at the
    step its ZeRO-1/2 gradients are one buffer holding the reduced gradients of every parameter that overlaps the
-   rank's partition, whole (a parameter across a partition boundary sits in both ranks' buffers): 1.03-1.21 x 4N/R
+   rank's partition, whole (a parameter across a partition boundary sits in both ranks' buffers): 1.03-1.45 x 4N/R
    here, by rank, since the ci model's partition boundaries cut through 16k-element matrices. DeepSpeed's ZeRO-1 takes
    the same path as its ZeRO-2 (stage_1_and_2.py, ``contiguous_gradients`` on by default): it also reduces the
    gradients at the boundary, keeps its partition and frees the rest, so at the step it holds what its ZeRO-2 holds,
