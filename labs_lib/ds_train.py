@@ -85,6 +85,11 @@ def resolve_ds_config(ds: dict, cfg: TrainConfig, world_size: int, bf16: bool = 
     if flops_profile_file:  # one profiled step, after a warm-up step
         ds["flops_profiler"] = {"enabled": True, "profile_step": min(2, cfg.max_steps), "module_depth": -1,
                                 "top_modules": 3, "detailed": True, "output_file": flops_profile_file}
+    return require_filled(ds)
+
+
+def require_filled(ds: dict) -> dict:
+    """The DeepSpeed config, once no "auto" value is left in it (DeepSpeed would reject it later, less clearly)."""
     left = [k for k, v in _walk(ds) if v == "auto"]
     if left:
         raise ValueError(f"DeepSpeed config keys {left} are 'auto' but this trainer does not fill them: give values")

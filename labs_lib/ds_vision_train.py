@@ -27,7 +27,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from labs_lib.ds_train import require_filled
 from labs_lib.paths import PROJECT_ROOT
 from labs_lib.vision import ShardedLoader, ViT, ViTConfig, load_digits_split, vit_flops_per_image, vit_profile
 
@@ -112,18 +112,7 @@ def resolve_ds_config(ds: dict, batch_size: int, lr: float, total_steps: int, wo
     if flops_profile_file:
         ds["flops_profiler"] = {**ds.get("flops_profiler", {}), "enabled": True, "output_file": flops_profile_file}
         ds["flops_profiler"].setdefault("profile_step", 3)
-    left = [k for k, v in _walk(ds) if v == "auto"]
-    if left:
-        raise ValueError(f"DeepSpeed config keys {left} are 'auto' but this trainer does not fill them: give values")
-    return ds
-
-
-def _walk(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        if isinstance(v, dict):
-            yield from _walk(v, f"{prefix}{k}.")
-        else:
-            yield prefix + k, v
+    return require_filled(ds)
 
 
 def check_args(argv: list[str], world_size: int, n_train: int = 1437) -> dict:
@@ -428,38 +417,30 @@ def train_args(out: str | Path, **settings) -> list[str]:
 
 def torchrun(out: str | Path, nproc: int = 2, progress: bool = True, **settings) -> list[dict]:
     """Run the training with ``nproc`` local processes under torchrun (what the notebook does without Slurm), a
-    progress bar per epoch; returns the metrics. Raises RuntimeError with the log's tail if it fails."""
+    progress bar per epoch; returns the metrics. Raises LaunchError with the log's tail if it fails."""
     from tqdm.auto import tqdm
+
+    from labs_lib.launch import run_child
 
     out = Path(out).resolve()
     args = train_args(out, **settings)
     s = check_args(args, nproc)  # a bad setting fails here, before any process starts
     out.mkdir(parents=True, exist_ok=True)
-    log = out / "train.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "labs_lib.ds_vision_train", *args]
     bar = tqdm(total=s["epochs"], desc=f"torchrun x{nproc}", unit="epoch", disable=not progress)
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        try:
-            while process.poll() is None:
-                time.sleep(0.5)
-                records = read_metrics(out)
-                if records:
-                    bar.n = records[-1]["epoch"]
-                    bar.set_postfix(test_accuracy=f"{records[-1]['test_accuracy']:.1%}")
-                    bar.refresh()
-        except BaseException:  # a notebook interrupt stops the processes too
-            process.terminate()
-            process.wait()
-            raise
-        finally:
-            bar.close()
-    if process.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
-        raise RuntimeError(f"training failed (exit code {process.returncode}); log {log}\n{tail}")
+
+    def show_epoch():
+        records = read_metrics(out)
+        if records:
+            bar.n = records[-1]["epoch"]
+            bar.set_postfix(test_accuracy=f"{records[-1]['test_accuracy']:.1%}")
+            bar.refresh()
+
+    try:
+        run_child(cmd, out / "train.log", show_epoch)
+    finally:
+        bar.close()
     return read_metrics(out)
 
 

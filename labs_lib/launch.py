@@ -66,24 +66,38 @@ def tail(path: str | Path, n: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
 
 
-def follow(process: subprocess.Popen, out: Path, total_steps: int | None, desc: str, progress: bool) -> int:
-    """Wait for the process, advancing a progress bar as ``metrics.jsonl`` grows."""
-    from labs_lib.train import read_metrics
-
-    bar = tqdm(total=total_steps, desc=desc, unit="step", disable=not progress)
-    while process.poll() is None:
-        time.sleep(0.5)
-        records = read_metrics(out)
-        if records:
-            bar.n = records[-1]["step"]
-            bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
-            bar.refresh()
-    records = read_metrics(out)
+def show_steps(bar, records: list[dict]) -> None:
+    """Move a progress bar to the newest step of ``metrics.jsonl``'s records, with its loss."""
     if records:
         bar.n = records[-1]["step"]
+        bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
         bar.refresh()
-    bar.close()
-    return process.returncode
+
+
+def run_child(cmd: list[str], log: Path, on_poll=lambda: None, timeout_s: float | None = None,
+              what: str = "training") -> None:
+    """Run ``cmd`` as a child process writing to ``log``, calling ``on_poll()`` as it runs (to move a progress bar).
+
+    A notebook interrupt, or running past ``timeout_s``, stops the child too; a failure raises :class:`LaunchError`
+    with the exit code and the log's tail."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        try:
+            while process.poll() is None:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"the {what} job ran past {timeout_s:.0f} s; its log: {log}\n{tail(log)}")
+                time.sleep(0.5)
+                on_poll()
+            on_poll()
+        except BaseException:
+            process.terminate()
+            process.wait()
+            raise
+    if process.returncode != 0:
+        raise LaunchError(f"the {what} job failed; full log: {log}", process.returncode, tail(log))
 
 
 def torchrun(out: str | Path, nproc: int = 2, profile: str | None = None, resume: bool = False,
@@ -95,22 +109,13 @@ def torchrun(out: str | Path, nproc: int = 2, profile: str | None = None, resume
     args = train_args(out, profile, resume, **settings)
     _, train_cfg = check_training_config(args, nproc)
     _fresh(out, resume)
-    log = out / "train.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "labs_lib.train", *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        try:
-            code = follow(process, out, train_cfg.max_steps, f"torchrun x{nproc}", progress)
-        except BaseException:  # a notebook interrupt stops the job too
-            process.terminate()
-            process.wait()
-            raise
-    if code != 0:
-        raise LaunchError(f"training failed; full log: {log}", code, tail(log))
+    bar = tqdm(total=train_cfg.max_steps, desc=f"torchrun x{nproc}", unit="step", disable=not progress)
+    try:
+        run_child(cmd, out / "train.log", lambda: show_steps(bar, read_metrics(out)))
+    finally:
+        bar.close()
     return read_metrics(out)
 
 
@@ -162,11 +167,7 @@ def train(out: str | Path, nodes: int = 2, nproc_per_node: int = 2, profile: str
     bar = tqdm(total=train_cfg.max_steps, desc=f"Slurm job {job.id}", unit="step", disable=not progress)
     try:
         while job.state not in slurm.DONE_OK | slurm.DONE_BAD:
-            records = read_metrics(out)
-            if records:
-                bar.n = records[-1]["step"]
-                bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
-                bar.refresh()
+            show_steps(bar, read_metrics(out))
             time.sleep(1.0)
     except BaseException:  # a notebook interrupt cancels the job too
         job.cancel()

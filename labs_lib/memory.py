@@ -303,11 +303,11 @@ def deepspeed_torchrun(out, nproc: int = 2, ds_config: str = "zero2.json", profi
     """Run ``labs_lib.ds_train`` on ``nproc`` local ranks with torchrun (never in the notebook's kernel); returns its
     metrics (with ``mem_rank<r>``). The settings are checked first, before any process starts. Settings as in
     ``labs_lib.ds_train`` (``max_steps=4``, ``bf16=True``, ``activation_checkpointing=True``...)."""
-    import os
     import shutil
-    import subprocess
     import sys
     from pathlib import Path
+
+    from tqdm.auto import tqdm
 
     from labs_lib import ds_train, launch
 
@@ -317,21 +317,14 @@ def deepspeed_torchrun(out, nproc: int = 2, ds_config: str = "zero2.json", profi
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    log = out / "train.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "labs_lib.ds_train", *args]
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        try:
-            code = launch.follow(process, out, train_cfg.max_steps, f"deepspeed x{nproc}", progress)
-        except BaseException:
-            process.terminate()
-            process.wait()
-            raise
-    if code != 0:
-        raise launch.LaunchError(f"DeepSpeed training failed; full log: {log}", code, launch.tail(log))
+    bar = tqdm(total=train_cfg.max_steps, desc=f"deepspeed x{nproc}", unit="step", disable=not progress)
+    try:
+        launch.run_child(cmd, out / "train.log", lambda: launch.show_steps(bar, ds_train.read_metrics(out)),
+                         what="DeepSpeed training")
+    finally:
+        bar.close()
     return ds_train.read_metrics(out)
 
 

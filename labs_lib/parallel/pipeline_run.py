@@ -36,15 +36,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from labs_lib.config import GPTConfig, TrainConfig, get_profile, override, validate
-from labs_lib.launch import LaunchError, tail
+from labs_lib.launch import run_child
 from labs_lib.parallel.pipeline import SCHEDULES, bubble_fraction, check_pipeline
 
 __all__ = ["run", "run_reference", "read_results", "check_args", "cli_args", "measured_bubble", "order",
@@ -303,29 +301,11 @@ def main(argv: list[str] | None = None) -> None:
 def _launch(cmd: list[str], out: Path, steps: int, desc: str, progress: bool, timeout_s: float) -> None:
     from tqdm.auto import tqdm
 
-    log = out / "pipeline.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress)
-    with open(log, "w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while process.poll() is None:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the pipeline job ran past {timeout_s:.0f} s; its log: {log}\n{tail(log)}")
-                time.sleep(0.2)
-                _advance(bar, out)
-            _advance(bar, out)
-        except BaseException:  # an interrupt (or the timeout) stops the job too
-            process.terminate()
-            process.wait()
-            raise
-        finally:
-            bar.close()
-    if process.returncode != 0:
-        raise LaunchError(f"the pipeline job failed; full log: {log}", process.returncode, tail(log))
+    try:
+        run_child(cmd, out / "pipeline.log", lambda: _advance(bar, out), timeout_s, what="pipeline")
+    finally:
+        bar.close()
 
 
 def _advance(bar, out: Path) -> None:
