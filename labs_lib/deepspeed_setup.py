@@ -53,6 +53,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start():
+    """Join (or make) the process group and hand it to DeepSpeed; returns ``(deepspeed, DistInfo)``.
+
+    What every DeepSpeed trainer here does first: the environment above, quiet logs, and a group of one for a single
+    plain process (DeepSpeed still wants a group)."""
+    import warnings
+
+    import torch
+
+    from labs_lib.dist import init_distributed
+
+    configure_environment()  # before import deepspeed: CPU accelerator, the op cache of `make setup`
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel("WARNING")  # DeepSpeed logs every setting at INFO, on every rank
+    # DeepSpeed 0.19.8 calls collectives torch 2.13 renamed: one FutureWarning per call and rank, nothing to act on
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
+    info = init_distributed()
+    if not info.distributed:
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        info = init_distributed(backend="nccl" if torch.cuda.is_available() else "gloo")
+    for name, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank)):
+        os.environ.setdefault(name, str(value))  # DeepSpeed's engine reads them (torchrun sets them, plain srun not)
+    deepspeed.init_distributed(dist_backend=info.backend, verbose=False)  # wraps the group that exists
+    return deepspeed, info
+
+
 def _build_shm_comm() -> None:
     """A one-process ``deepspeed.init_distributed``: exactly what a training job does first (and builds)."""
     import deepspeed

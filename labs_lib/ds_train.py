@@ -34,7 +34,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -43,8 +42,8 @@ from tqdm.auto import tqdm
 
 from labs_lib.config import GPTConfig, TrainConfig, get_profile, override, validate
 from labs_lib.data import TokenBatches, eval_batches, prepare_data
-from labs_lib.deepspeed_setup import configure_environment, free_port
-from labs_lib.dist import all_reduce_mean, cleanup, init_distributed, print0
+from labs_lib.deepspeed_setup import start as start_deepspeed
+from labs_lib.dist import all_reduce_mean, cleanup, print0
 from labs_lib.model import GPT
 from labs_lib.train import evaluate, lr_at, read_metrics
 
@@ -334,20 +333,7 @@ def _prune(ckpt_dir: Path, keep: int) -> None:
 def train(model_cfg: GPTConfig, cfg: TrainConfig, ds_config: dict, out: str | Path, resume: bool = False,
           progress: bool = True, activation_checkpointing: bool = False, flops_profile: bool = False) -> list[dict]:
     """Run (or resume) DeepSpeed training in this process, as one rank of whatever launched it. Returns the metrics."""
-    configure_environment()  # before import deepspeed: CPU accelerator, the op cache of `make setup`
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel("WARNING")  # DeepSpeed logs every setting at INFO, on every rank
-    # DeepSpeed 0.19.8 calls collectives torch 2.13 renamed: one FutureWarning per call and rank, nothing to act on
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
-    info = init_distributed()
-    if not info.distributed:  # one plain process: DeepSpeed still wants a process group, make it a group of one
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        info = init_distributed(backend="nccl" if torch.cuda.is_available() else "gloo")
-    for name, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank)):
-        os.environ.setdefault(name, str(value))  # DeepSpeed's engine reads them (torchrun and srun set them)
-    deepspeed.init_distributed(dist_backend=info.backend, verbose=False)  # wraps the group that exists
+    deepspeed, info = start_deepspeed()
     world_size = dist.get_world_size()
     out = Path(out)
     ds = resolve_ds_config(ds_config, cfg, world_size, cfg.dtype == "bf16",

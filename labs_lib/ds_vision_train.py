@@ -26,10 +26,8 @@ import copy
 import json
 import os
 import re
-import socket
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -141,12 +139,6 @@ def check_args(argv: list[str], world_size: int, n_train: int = 1437) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------- training
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _param_groups(model: ViT, weight_decay: float) -> list[dict]:
     """Weight decay on the matrices only (not on biases, norms, the class token or the position embeddings)."""
     decay, no_decay = [], []
@@ -213,23 +205,10 @@ def _gather(values: dict[str, int], world_size: int) -> list[dict[str, int]]:
 
 def train(settings: dict, out: str | Path) -> list[dict]:
     """Train in this process, as one rank of whatever launched it (torchrun, srun, or alone). Returns the metrics."""
-    from labs_lib.deepspeed_setup import configure_environment
-    from labs_lib.dist import all_reduce_mean, cleanup, init_distributed, print0
+    from labs_lib.deepspeed_setup import start
+    from labs_lib.dist import all_reduce_mean, cleanup, print0
 
-    configure_environment()  # before import deepspeed: CPU accelerator, the op cache of `make setup`
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel("WARNING")  # DeepSpeed logs every setting at INFO, on every rank
-    # DeepSpeed 0.19.8 calls collectives torch 2.13 renamed: one FutureWarning per call and rank, nothing to act on
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
-    info = init_distributed()
-    if not info.distributed:  # one plain process: DeepSpeed still wants a process group, make it a group of one
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        info = init_distributed(backend="nccl" if torch.cuda.is_available() else "gloo")
-    for name, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank)):
-        os.environ.setdefault(name, str(value))  # DeepSpeed reads them (torchrun sets them, plain srun does not)
-    deepspeed.init_distributed(dist_backend=info.backend, verbose=False)  # wraps the group that exists
+    deepspeed, info = start()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     out = Path(out).resolve()
     data = load_digits_split()
