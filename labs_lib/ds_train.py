@@ -45,7 +45,7 @@ from labs_lib.data import TokenBatches, eval_batches, prepare_data
 from labs_lib.deepspeed_setup import start as start_deepspeed
 from labs_lib.dist import all_reduce_mean, cleanup, print0
 from labs_lib.model import GPT
-from labs_lib.train import evaluate, lr_at, read_metrics
+from labs_lib.train import add_model_args, evaluate, lr_at, read_metrics
 
 __all__ = ["load_ds_config", "resolve_ds_config", "check_ds_config", "check_training_config", "train",
            "read_metrics", "held_bytes", "deepspeed_bytes_per_rank"]
@@ -143,9 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DeepSpeed's flops profiler on one step after warm-up -> flops_profile.txt")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    model = p.add_argument_group("model (defaults from the profile)")
-    for name, kind in (("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int), ("dropout", float)):
-        model.add_argument("--" + name.replace("_", "-"), type=kind)
+    add_model_args(p)
     train = p.add_argument_group("training (defaults from the profile)")
     for name, kind in (("max_steps", int), ("lr_decay_steps", int), ("batch_size", int), ("grad_accum", int),
                        ("lr", float), ("min_lr", float), ("warmup_steps", int), ("eval_interval", int),

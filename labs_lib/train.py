@@ -344,6 +344,13 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
     return records
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model-shape flags every GPT trainer takes (``--n-layer`` ...), defaults from the profile."""
+    model = parser.add_argument_group("model (defaults from the profile)")
+    for name, kind in (("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int), ("dropout", float)):
+        model.add_argument("--" + name.replace("_", "-"), type=kind)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m labs_lib.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -351,9 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder: metrics, checkpoints, tokenizer")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    model = p.add_argument_group("model (defaults from the profile)")
-    for name, kind in (("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int), ("dropout", float)):
-        model.add_argument("--" + name.replace("_", "-"), type=kind)
+    add_model_args(p)
     train = p.add_argument_group("training (defaults from the profile)")
     for name, kind in (("max_steps", int), ("lr_decay_steps", int), ("batch_size", int), ("grad_accum", int),
                        ("lr", float), ("min_lr", float), ("warmup_steps", int), ("weight_decay", float),
