@@ -6,7 +6,7 @@ submits ``slurm/train_gpt.sbatch`` to the Slurm cluster (``nodes`` x ``nproc_per
 simulated nodes is started if no site Slurm answers) and follows ``metrics.jsonl`` with a progress bar. Where Slurm
 cannot run (no root to install it, or ``LABS_LAUNCHER=torchrun``), it says so and runs the same training with
 :func:`torchrun` on this machine. A failed job raises :class:`LaunchError` (torchrun) or
-:class:`labs_lib.slurm.JobFailed` (Slurm), each with the exit code and the log's tail.
+:class:`labs_lib.slurm.JobFailed` (Slurm), each with the exit code, the log's first error and its tail.
 
     metrics = launch.train("build/runs/demo", nodes=2, nproc_per_node=2, max_steps=100)
 """
@@ -22,10 +22,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from labs_lib.slurm import failure_report
+
 
 class LaunchError(RuntimeError):
-    def __init__(self, message: str, returncode: int, log_tail: str):
-        super().__init__(f"{message} (exit code {returncode})\n--- last lines of the log ---\n{log_tail}")
+    def __init__(self, message: str, returncode: int, log_tail: str, report: str | None = None):
+        super().__init__(f"{message} (exit code {returncode})\n"
+                         + (report or f"--- last lines of the log ---\n{log_tail}"))
         self.returncode = returncode
         self.log_tail = log_tail
 
@@ -97,7 +100,8 @@ def run_child(cmd: list[str], log: Path, on_poll=lambda: None, timeout_s: float 
             process.wait()
             raise
     if process.returncode != 0:
-        raise LaunchError(f"the {what} job failed; full log: {log}", process.returncode, tail(log))
+        raise LaunchError(f"the {what} job failed; full log: {log}", process.returncode, tail(log),
+                          failure_report(Path(log).read_text(errors="replace")))
 
 
 def torchrun(out: str | Path, nproc: int = 2, profile: str | None = None, resume: bool = False,

@@ -39,10 +39,30 @@ class SlurmUnavailable(RuntimeError):
     """Slurm is not installed and cannot be installed on this machine (use torchrun instead)."""
 
 
+# The line that says what went wrong: an exception, a C++ abort, a signal, an srun/sbatch error.
+_ERROR_LINE = re.compile(r"\b[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b: |terminate called|Segmentation fault|"
+                         r"\bKilled\b|out of memory|^(\d+: )?(srun|sbatch|slurmstepd): error:")
+
+
+def first_error(log: str) -> str:
+    """The first line of a job's log that says what went wrong ("" if none does). A failing rank's message comes
+    before the launchers' reports of it (torchrun's ChildFailedError, srun's "task 0: Exited"), which fill the tail.
+    An echoed command (a line starting ``$ ``) is not an error, whatever its arguments say."""
+    return next((line for line in log.splitlines() if not line.startswith("$ ") and _ERROR_LINE.search(line)), "")
+
+
+def failure_report(log: str, n: int = 20) -> str:
+    """The log's first error (when the tail does not show it) and its last ``n`` lines, for an exception message."""
+    lines = log.splitlines()
+    tail, first = "\n".join(lines[-n:]), first_error(log)
+    head = f"--- first error in the log ---\n{first}\n" if first and first not in lines[-n:] else ""
+    return f"{head}--- last lines of the log ---\n{tail}"
+
+
 class JobFailed(RuntimeError):
-    def __init__(self, job: Job, state: str, exit_code: int, log_tail: str):
+    def __init__(self, job: Job, state: str, exit_code: int, log_tail: str, report: str | None = None):
         super().__init__(f"Slurm job {job.id} ended {state} (exit code {exit_code}); log {job.log_path}\n"
-                         f"--- last lines of the log ---\n{log_tail}")
+                         + (report or f"--- last lines of the log ---\n{log_tail}"))
         self.job, self.state, self.exit_code, self.log_tail = job, state, exit_code, log_tail
 
 
@@ -242,7 +262,8 @@ class Job:
         if state in DONE_OK:
             return state, self._exit_code
         error = JobCancelled if state == "CANCELLED" else JobFailed
-        raise error(self, state, self._exit_code, self.tail())
+        log = self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+        raise error(self, state, self._exit_code, self.tail(), failure_report(log))
 
 
 def status() -> str:

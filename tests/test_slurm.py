@@ -72,15 +72,51 @@ def test_allreduce_two_nodes(cluster):
     assert job.state == "COMPLETED"
 
 
-def test_failing_job_raises_with_log_tail(cluster, tmp_path):
-    job = slurm.submit(script(tmp_path, 'echo "about to fail on $SLURMD_NODENAME"\nexit 7\n'), nodes=1,
-                       job_name="fails")
+def test_failing_job_raises_with_log_tail_and_first_error(cluster, tmp_path):
+    body = ('echo "ValueError: bad batch size on $SLURMD_NODENAME"\n'
+            'for i in $(seq 30); do echo "launcher noise $i"; done\n'
+            'echo "about to fail on $SLURMD_NODENAME"\nexit 7\n')
+    job = slurm.submit(script(tmp_path, body), nodes=1, job_name="fails")
     with pytest.raises(slurm.JobFailed) as failed:
         job.wait(timeout=60, progress=False)
     assert not isinstance(failed.value, slurm.JobCancelled)
     assert failed.value.state == "FAILED" and failed.value.exit_code == 7
     assert "about to fail on node1" in failed.value.log_tail and "about to fail" in str(failed.value)
+    # the cause, 30 lines above the tail, is in the message too
+    assert "--- first error in the log ---\nValueError: bad batch size on node1" in str(failed.value)
     assert job.log_path.name == f"fails-{job.id}.out"
+
+
+# From a two-node DeepSpeed job whose rank 1 aborted at exit: the launchers' reports fill the tail.
+ABORTED_RANK_LOG = """0: done: final test accuracy 96.39%; metrics in runs/lab06_vit/metrics.jsonl
+1: terminate called without an active exception
+1: E1126 03:38:13.475000 674 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: -6)
+1: Traceback (most recent call last):
+1:   File "torch/distributed/launcher/api.py", line 383, in launch_agent
+1: torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+0: torch.distributed.elastic.multiprocessing.api.SignalException: Process 673 got signal: 15
+srun: error: node1: task 0: Exited with exit code 1"""
+
+
+@pytest.mark.parametrize("log, expected", [
+    (ABORTED_RANK_LOG, "1: terminate called without an active exception"),
+    ("step 1\nTraceback (most recent call last):\n  File \"x.py\", line 3, in <module>\n    raise ValueError(\"no\")\n"
+     "ValueError: tp=3 does not divide n_head=4\n", "ValueError: tp=3 does not divide n_head=4"),
+    ("0: [rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB\n",
+     "0: [rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"),
+    ("sbatch: error: Batch job submission failed: Invalid partition name specified\n",
+     "sbatch: error: Batch job submission failed: Invalid partition name specified"),
+    ("epoch 1 loss 2.0\nepoch 2 loss 1.5\n", ""),
+])
+def test_first_error_finds_the_cause(log, expected):
+    assert slurm.first_error(log) == expected
+
+
+def test_failure_report_adds_the_first_error_only_when_the_tail_lacks_it():
+    report = slurm.failure_report(ABORTED_RANK_LOG, n=3)
+    assert report.startswith("--- first error in the log ---\n1: terminate called without an active exception\n")
+    assert report.endswith("srun: error: node1: task 0: Exited with exit code 1")
+    assert "first error" not in slurm.failure_report(ABORTED_RANK_LOG, n=20)
 
 
 def test_env_and_args_reach_the_job(cluster, tmp_path):

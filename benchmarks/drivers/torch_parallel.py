@@ -177,4 +177,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from labs_lib.dist import exit_process
+
     main()
+    exit_process()  # not the interpreter's teardown: leftover gloo threads can abort it

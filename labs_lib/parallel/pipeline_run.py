@@ -405,4 +405,7 @@ def layout_rows(results: list[dict]) -> list[dict]:
 
 
 if __name__ == "__main__":
+    from labs_lib.dist import exit_process
+
     main()
+    exit_process()  # not the interpreter's teardown: leftover gloo threads can abort it
