@@ -45,7 +45,7 @@ from labs_lib.data import TokenBatches, eval_batches, prepare_data
 from labs_lib.deepspeed_setup import start as start_deepspeed
 from labs_lib.dist import all_reduce_mean, cleanup, print0
 from labs_lib.model import GPT
-from labs_lib.train import add_model_args, evaluate, lr_at, read_metrics
+from labs_lib.train import add_model_args, add_training_args, evaluate, lr_at, model_config_from_args, read_metrics
 
 __all__ = ["load_ds_config", "resolve_ds_config", "check_ds_config", "check_training_config", "train",
            "read_metrics", "held_bytes", "deepspeed_bytes_per_rank"]
@@ -144,20 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
-    train = p.add_argument_group("training (defaults from the profile)")
-    for name, kind in (("max_steps", int), ("lr_decay_steps", int), ("batch_size", int), ("grad_accum", int),
-                       ("lr", float), ("min_lr", float), ("warmup_steps", int), ("eval_interval", int),
-                       ("eval_iters", int), ("checkpoint_interval", int), ("keep_checkpoints", int), ("seed", int),
-                       ("data", str), ("corpus_max_bytes", int)):
-        train.add_argument("--" + name.replace("_", "-"), type=kind)
+    # The DeepSpeed config sets weight decay and clipping; DeepSpeed does the gradient reduction and no tracing.
+    add_training_args(p, skip=("weight_decay", "grad_clip", "tokenizer_vocab", "ddp_bucket_mb", "trace_steps"))
     return p
 
 
 def configs_from_args(args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig, dict]:
     profile = get_profile(args.profile)
     values = vars(args)
-    model_cfg = override(profile.model, **{k: values[k] for k in ("n_layer", "n_head", "n_embd", "block_size",
-                                                                   "dropout")})
+    model_cfg = model_config_from_args(profile.model, args)
     own = ("activation_checkpointing",)  # a switch here (DeepSpeed's full recompute), a mode in TrainConfig
     train_cfg = override(profile.train, **{k: values[k] for k in TrainConfig.__dataclass_fields__
                                            if k in values and k not in own},

@@ -344,11 +344,35 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
     return records
 
 
+MODEL_FLAGS = {"n_layer": int, "n_head": int, "n_embd": int, "block_size": int, "dropout": float}
+TRAINING_FLAGS = {"max_steps": int, "lr_decay_steps": int, "batch_size": int, "grad_accum": int, "lr": float,
+                  "min_lr": float, "warmup_steps": int, "weight_decay": float, "grad_clip": float,
+                  "eval_interval": int, "eval_iters": int, "checkpoint_interval": int, "keep_checkpoints": int,
+                  "seed": int, "data": str, "tokenizer_vocab": int, "corpus_max_bytes": int, "ddp_bucket_mb": float,
+                  "trace_steps": int}
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The model-shape flags every GPT trainer takes (``--n-layer`` ...), defaults from the profile."""
     model = parser.add_argument_group("model (defaults from the profile)")
-    for name, kind in (("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int), ("dropout", float)):
+    for name, kind in MODEL_FLAGS.items():
         model.add_argument("--" + name.replace("_", "-"), type=kind)
+
+
+def add_training_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> argparse._ArgumentGroup:
+    """The training flags (``--max-steps`` ...: :data:`TRAINING_FLAGS` but ``skip``), defaults from the profile.
+    Returns the argument group, for a trainer's own flags."""
+    train = parser.add_argument_group("training (defaults from the profile)")
+    for name, kind in TRAINING_FLAGS.items():
+        if name not in skip:
+            train.add_argument("--" + name.replace("_", "-"), type=kind)
+    return train
+
+
+def model_config_from_args(base: GPTConfig, args: argparse.Namespace) -> GPTConfig:
+    """The profile's model with the shape flags given on the command line."""
+    values = vars(args)
+    return override(base, **{name: values[name] for name in MODEL_FLAGS})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,14 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_args(p)
-    train = p.add_argument_group("training (defaults from the profile)")
-    for name, kind in (("max_steps", int), ("lr_decay_steps", int), ("batch_size", int), ("grad_accum", int),
-                       ("lr", float), ("min_lr", float), ("warmup_steps", int), ("weight_decay", float),
-                       ("grad_clip", float), ("eval_interval", int), ("eval_iters", int),
-                       ("checkpoint_interval", int), ("keep_checkpoints", int), ("seed", int), ("data", str),
-                       ("tokenizer_vocab", int), ("corpus_max_bytes", int), ("ddp_bucket_mb", float),
-                       ("trace_steps", int)):
-        train.add_argument("--" + name.replace("_", "-"), type=kind)
+    train = add_training_args(p)
     train.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     train.add_argument("--ddp-overlap", action=argparse.BooleanOptionalAction,
                        help="--no-ddp-overlap: all-reduce gradients after backward instead of during it")
@@ -392,8 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 def configs_from_args(args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig, ParallelConfig]:
     profile = get_profile(args.profile)
     values = vars(args)
-    model_cfg = override(profile.model, **{k: values[k] for k in ("n_layer", "n_head", "n_embd", "block_size",
-                                                                   "dropout")})
+    model_cfg = model_config_from_args(profile.model, args)
     train_names = [f for f in TrainConfig.__dataclass_fields__ if f in values]
     train_cfg = override(profile.train, **{k: values[k] for k in train_names})
     if args.tokenizer_vocab is not None:  # the embedding table follows the tokenizer, padded to 64
