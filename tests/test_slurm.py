@@ -50,6 +50,20 @@ def test_two_idle_nodes(cluster):
     assert sorted(filter(None, nodes)) == ["node1 idle", "node2 idle"]
 
 
+def test_up_refuses_ports_another_cluster_holds(cluster, tmp_path):
+    """A second checkout's up.sh (its own build folder) on this cluster's ports fails before starting anything, and
+    says how out: otherwise its sinfo and sbatch would quietly talk to this cluster."""
+    if cluster != "local":
+        pytest.skip("a site cluster")
+    port = os.environ.get("LABS_SLURM_PORT", "16817")
+    other = subprocess.run(["bash", str(slurm.UP_SCRIPT)], capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, LABS_BUILD_DIR=str(tmp_path / "other")))
+    assert other.returncode == 1, other.stderr
+    assert f"port {port} (slurmctld), {int(port) + 1} (slurmd node1)" in other.stderr, other.stderr
+    assert "slurm/local/down.sh" in other.stderr and f"LABS_SLURM_PORT={int(port) + 100}" in other.stderr
+    assert not list((tmp_path / "other" / "slurm" / "pids").glob("*.pid")), "it started a daemon"
+
+
 def test_up_is_idempotent(cluster):
     if cluster != "local":
         pytest.skip("a site cluster")

@@ -11,7 +11,7 @@
 # Settings (env): LABS_SLURM_NODES (2), LABS_SLURM_CPUS per node (8; declared, not real, so 2 nodes x 4 tasks fit
 # on a 2-core machine), LABS_SLURM_PORT (16817: slurmctld; the nodes take the next ports), LABS_SLURM_UP_TIMEOUT (60 s).
 # Exit codes: 0 up; 3 Slurm is not installed and cannot be (not root / no apt) - callers fall back to torchrun;
-# 1 anything else (with the daemons' log tails).
+# 1 anything else (with the daemons' log tails, or the ports another cluster holds).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -83,6 +83,22 @@ launch() {  # launch NAME COMMAND...
 }
 
 node_names() { local i; for ((i = 1; i <= NODES; i++)); do echo "node$i"; done; }
+
+# Our ports must be free unless our own daemons hold them: another cluster listening there (another checkout's local
+# cluster, a second up.sh with other settings) would answer this cluster's sinfo and sbatch and run its jobs.
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+taken=()
+alive slurmctld slurmctld || { port_taken "$PORT" && taken+=("$PORT (slurmctld)"); }
+for ((i = 1; i <= NODES; i++)); do
+    alive "slurmd-node$i" slurmd || { port_taken $((PORT + i)) && taken+=("$((PORT + i)) (slurmd node$i)"); }
+done
+if (( ${#taken[@]} )); then
+    joined=$(printf ', %s' "${taken[@]}")
+    log "in use by another process, not by this cluster ($SD): port ${joined:2}"
+    log "Another local cluster? Stop it with its slurm/local/down.sh, or give this one other ports:"
+    log "LABS_SLURM_PORT=$((PORT + 100)) slurm/local/up.sh"
+    exit 1
+fi
 
 # The last lines each daemon wrote (its own log; munged's and start-up errors go to the .out files).
 tails() {
