@@ -85,7 +85,8 @@ def run_driver(out: Path, world: int, use_slurm: bool, **settings) -> list[dict]
         with open(out / "train.log", "w") as log:
             code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=paths.PROJECT_ROOT).returncode
         if code != 0:
-            raise launch.LaunchError(f"{DRIVER} failed; log {out / 'train.log'}", code, launch.tail(out / "train.log"))
+            raise launch.LaunchError(f"{DRIVER} failed; log {out / 'train.log'}", code,
+                                     launch.read_log(out / "train.log"))
     return read_metrics(out)
 
 

@@ -26,11 +26,10 @@ from labs_lib.slurm import failure_report
 
 
 class LaunchError(RuntimeError):
-    def __init__(self, message: str, returncode: int, log_tail: str, report: str | None = None):
-        super().__init__(f"{message} (exit code {returncode})\n"
-                         + (report or f"--- last lines of the log ---\n{log_tail}"))
+    def __init__(self, message: str, returncode: int, log: str):
+        super().__init__(f"{message} (exit code {returncode})\n" + failure_report(log))
         self.returncode = returncode
-        self.log_tail = log_tail
+        self.log_tail = "\n".join(log.splitlines()[-20:])
 
 
 def train_args(out: str | Path, profile: str | None = None, resume: bool = False, **settings) -> list[str]:
@@ -62,11 +61,14 @@ def check_training_config(args: list[str], world_size: int):
     return model_cfg, train_cfg
 
 
-def tail(path: str | Path, n: int = 20) -> str:
+def read_log(path: str | Path) -> str:
+    """A job's log ("" before it exists)."""
     path = Path(path)
-    if not path.exists():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def tail(path: str | Path, n: int = 20) -> str:
+    return "\n".join(read_log(path).splitlines()[-n:])
 
 
 def show_steps(bar, records: list[dict]) -> None:
@@ -100,8 +102,7 @@ def run_child(cmd: list[str], log: Path, on_poll=lambda: None, timeout_s: float 
             process.wait()
             raise
     if process.returncode != 0:
-        raise LaunchError(f"the {what} job failed; full log: {log}", process.returncode, tail(log),
-                          failure_report(Path(log).read_text(errors="replace")))
+        raise LaunchError(f"the {what} job failed; full log: {log}", process.returncode, read_log(log))
 
 
 def torchrun(out: str | Path, nproc: int = 2, profile: str | None = None, resume: bool = False,

@@ -60,10 +60,11 @@ def failure_report(log: str, n: int = 20) -> str:
 
 
 class JobFailed(RuntimeError):
-    def __init__(self, job: Job, state: str, exit_code: int, log_tail: str, report: str | None = None):
+    def __init__(self, job: Job, state: str, exit_code: int, log: str):
         super().__init__(f"Slurm job {job.id} ended {state} (exit code {exit_code}); log {job.log_path}\n"
-                         + (report or f"--- last lines of the log ---\n{log_tail}"))
-        self.job, self.state, self.exit_code, self.log_tail = job, state, exit_code, log_tail
+                         + failure_report(log))
+        self.job, self.state, self.exit_code = job, state, exit_code
+        self.log_tail = "\n".join(log.splitlines()[-20:])
 
 
 class JobCancelled(JobFailed):
@@ -226,12 +227,14 @@ class Job:
             self._info()
         return self._log_path
 
+    def log(self) -> str:
+        """The job's log so far ("" before it has written any)."""
+        path = self.log_path
+        return path.read_text(errors="replace") if path is not None and path.exists() else ""
+
     def tail(self, n: int = 20) -> str:
         """The last ``n`` lines of the job's log ("" before it has written any)."""
-        path = self.log_path
-        if path is None or not path.exists():
-            return ""
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+        return "\n".join(self.log().splitlines()[-n:])
 
     def cancel(self) -> None:
         _run("scancel", str(self.id), check=True)
@@ -262,8 +265,7 @@ class Job:
         if state in DONE_OK:
             return state, self._exit_code
         error = JobCancelled if state == "CANCELLED" else JobFailed
-        log = self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
-        raise error(self, state, self._exit_code, self.tail(), failure_report(log))
+        raise error(self, state, self._exit_code, self.log())
 
 
 def status() -> str:
