@@ -7,5 +7,5 @@ tensor_parallel.py  Megatron column/row parallel layers, vocab parallel embeddin
 pipeline.py       stage partitioning, GPipe and 1F1B schedules with per-rank timelines
 pipeline_run.py   the pipeline as a torchrun job writing per-rank timelines (lab 05), run() from a notebook
 mesh.py           DP x TP x PP process groups, and every check of a layout
-parallel3d.py     the GPT on that mesh: TP, then pipeline stages, then DP (what labs_lib.train --tp/--pp runs)
+parallel3d.py     the GPT on that mesh: TP, then pipeline stages, then DP (what labs_lib.train.gpt --tp/--pp runs)
 """

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from labs_lib.config import GPTConfig, ParallelConfig, TrainConfig, validate
+from labs_lib.core.config import GPTConfig, ParallelConfig, TrainConfig, validate
 from labs_lib.parallel.pipeline import check_pipeline
 from labs_lib.parallel.tensor_parallel import check_tensor_parallel
 

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from labs_lib.config import ParallelConfig
-from labs_lib.model import GPT
+from labs_lib.core.config import ParallelConfig
+from labs_lib.models.gpt import GPT
 from labs_lib.parallel.mesh import Mesh
 from labs_lib.parallel.pipeline import gpt_loss, make_schedule, partition_gpt
 from labs_lib.parallel.tensor_parallel import (

@@ -43,10 +43,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labs_lib.model import GPT
-from labs_lib.profiling import ActivationMeter
+from labs_lib.measure.memory import ActivationMeter
+from labs_lib.models.gpt import GPT
 
-__all__ = ["SCHEDULES", "check_pipeline", "bubble_fraction", "GPTStage", "partition_gpt", "gpt_loss", "Event",
+__all__ = ["SCHEDULES", "check_pipeline", "GPTStage", "partition_gpt", "gpt_loss", "Event",
            "PipelineSchedule", "GPipe", "OneFOneB", "Interleaved1F1B", "make_schedule"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
@@ -88,11 +88,6 @@ def check_pipeline(n_layer: int, pp: int, batch_size: int, micro_batches: int, s
                          f"pp={pp}: raise --micro-batches to at least {pp} or use --schedule gpipe")
 
 
-def bubble_fraction(pp: int, micro_batches: int, chunks: int = 1) -> float:
-    """Idle share of a step with balanced stages: (p − 1)/(v·m + p − 1) of the total time (v = 1: GPipe, 1F1B)."""
-    return (pp - 1) / (chunks * micro_batches + pp - 1)
-
-
 def gpt_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The GPT's loss (mean cross-entropy over tokens, -100 ignored), as a function of the last stage's output."""
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -125,7 +120,7 @@ class GPTStage(nn.Module):
         if pp_size > 1:
             if not dist.is_initialized():
                 raise RuntimeError("a pipeline of more than one stage needs torch.distributed: call "
-                                   "labs_lib.dist.init_distributed() (under torchrun or Slurm) first")
+                                   "labs_lib.core.dist.init_distributed() (under torchrun or Slurm) first")
             self.ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
             if len(self.ranks) != pp_size:
                 raise ValueError(f"the pipeline group has {len(self.ranks)} ranks but pp={pp_size}: launch pp "

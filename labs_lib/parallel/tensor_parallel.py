@@ -1,6 +1,6 @@
 """Megatron-style tensor parallelism (Shoeybi et al. 2019) with sequence parallelism (Korthikanti et al. 2022).
 
-``apply_tensor_parallel`` converts a single-device :class:`~labs_lib.model.GPT` in place, from outside (model.py
+``apply_tensor_parallel`` converts a single-device :class:`~labs_lib.models.gpt.GPT` in place, from outside (model.py
 knows nothing of it). Each rank keeps exactly its shard ``r`` of every split weight, sliced from the full model,
 so the result can be checked against one process::
 
@@ -34,8 +34,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from labs_lib.config import GPTConfig
-from labs_lib.model import GPT, CausalSelfAttention
+from labs_lib.core.config import GPTConfig, padded_vocab
+from labs_lib.models.gpt import GPT, CausalSelfAttention
 from labs_lib.parallel.comms import (
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,
@@ -46,14 +46,12 @@ from labs_lib.parallel.comms import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_parallel_region,
 )
+from labs_lib.parallel.rng import get_rng_tracker
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
            "SequenceParallelLayerNorm", "ShardedDropout", "TensorParallelSelfAttention", "TensorParallelGPT",
-           "RNGStatesTracker", "get_rng_tracker", "tensor_parallel_manual_seed", "apply_tensor_parallel",
+           "apply_tensor_parallel",
            "gather_full_state_dict", "check_tensor_parallel", "shard_tensor", "unshard_tensors"]
-
-TP_RNG = "tensor-parallel"
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Slicing full weights into shards and back. A split parameter carries ``tp_dim`` (the split dim) and
@@ -83,14 +81,13 @@ def _divisible(size: int, group, what: str, fix: str) -> None:
 
 
 def _pad_vocab_fix(vocab_size: int, tp: int) -> str:
-    padded = -(-vocab_size // (64 * tp)) * 64 * tp
-    return f"pad the vocabulary to a multiple of tp*64 (vocab_size={padded}, as config._padded does)"
+    return f"pad the vocabulary to a multiple of tp*64 (vocab_size={padded_vocab(vocab_size, 64 * tp)})"
 
 
 def check_tensor_parallel(config: GPTConfig, tp: int, seq_len: int | None = None,
                           sequence_parallel: bool = False) -> None:
     """Raise ValueError naming the fix if ``config`` cannot be split ``tp`` ways. Needs no process group, so it
-    can run before spawning (``labs_lib.config.validate`` checks heads and vocabulary the same way)."""
+    can run before spawning (``labs_lib.core.config.validate`` checks heads and vocabulary the same way)."""
 
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -108,69 +105,13 @@ def check_tensor_parallel(config: GPTConfig, tp: int, seq_len: int | None = None
                                 "multiple of the tensor-parallel size")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Dropout RNG: named generator states, swapped in for a block of code (Megatron's CudaRNGStatesTracker).
-
-
-class RNGStatesTracker:
-    """Named RNG states. ``fork(name)`` runs a block on that state, keeps where it got to, restores the default."""
-
-    def __init__(self):
-        self.states: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    def reset(self) -> None:
-        self.states.clear()
-
-    @staticmethod
-    def _get() -> tuple[torch.Tensor, torch.Tensor | None]:
-        return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-
-    @staticmethod
-    def _set(state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1])
-
-    def add(self, name: str, seed: int) -> None:
-        default = self._get()
-        torch.manual_seed(seed)
-        self.states[name] = self._get()
-        self._set(default)
-
-    @contextlib.contextmanager
-    def fork(self, name: str = TP_RNG):
-        if name not in self.states:
-            raise RuntimeError(f"RNG state {name!r} was never seeded: call tensor_parallel_manual_seed(seed) first")
-        default = self._get()
-        self._set(self.states[name])
-        try:
-            yield
-        finally:
-            self.states[name] = self._get()
-            self._set(default)
-
-
-_tracker = RNGStatesTracker()
-
-
-def get_rng_tracker() -> RNGStatesTracker:
-    return _tracker
-
-
-def tensor_parallel_manual_seed(seed: int, group=None) -> None:
-    """Default generator: ``seed`` on every rank (replicated dropout agrees); tracker: one seed per TP rank."""
-    torch.manual_seed(seed)
-    _tracker.reset()
-    _tracker.add(TP_RNG, seed + 2718 + group_rank(group))  # Megatron's offset: rank 0's stream != the default
-
-
 class ShardedDropout(nn.Dropout):
     """Dropout on activations that differ between TP ranks: the mask comes from the per-rank generator."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        with _tracker.fork():
+        with get_rng_tracker().fork():
             return super().forward(x)
 
 
@@ -376,7 +317,7 @@ class TensorParallelSelfAttention(nn.Module):
         qkv = self.qkv(x)  # (B, T, 3·n_embd/t): q, k, v of this rank's heads; T is the full sequence
         B, T, _ = qkv.shape
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-        with _tracker.fork() if self.training and self.dropout > 0 else contextlib.nullcontext():
+        with get_rng_tracker().fork() if self.training and self.dropout > 0 else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=True)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, -1)))

@@ -24,8 +24,8 @@ the flat layout gives each rank exactly 1/N (plus fewer than N elements of paddi
 per buffer instead of one per parameter. Frozen parameters (``requires_grad=False``) are kept apart: a flat shard
 is stepped as a whole, and a frozen slice would still move under weight decay and momentum.
 
-``held_bytes`` measures what a rank holds (each storage counted once) and ``zero_bytes_per_rank`` is the paper's
-formula, so a lab can put them side by side.
+labs_lib.measure.memory.held_bytes measures what a rank holds (each storage counted once) and
+labs_lib.estimates.memory.zero_bytes_per_rank is the paper's formula, so a lab can put them side by side.
 """
 
 from __future__ import annotations
@@ -38,8 +38,7 @@ import torch.nn as nn
 
 from labs_lib.parallel.data_parallel import broadcast_from_first_rank
 
-__all__ = ["FlatShard", "ShardedOptimizer", "FullyShardedModule", "held_bytes", "zero_bytes_per_rank",
-           "reduce_scatter"]
+__all__ = ["FlatShard", "ShardedOptimizer", "FullyShardedModule", "reduce_scatter"]
 
 # torch 2.13 renamed the flat-tensor collectives (the old names still work, with a FutureWarning).
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -442,47 +441,3 @@ class FullyShardedModule(nn.Module):
             for _, _, name, i in flat.slots:
                 out[name] = views[i]
         return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Memory accounting
-
-
-def _storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views of one buffer count once, padding included)."""
-    storages = {}
-    for t in tensors:
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-    return sum(storages.values())
-
-
-def held_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """What this rank holds right now: parameters, gradients and optimizer state, in bytes.
-
-    Works for a plain or DataParallel model with any optimizer, ShardedOptimizer and FullyShardedModule. Adam's
-    0-dim step counters (a few bytes per tensor) are left out, as the formulas do."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # ShardedOptimizer keeps its state in the inner one
-    params = list(model.parameters())
-    stepped = [p for g in inner.param_groups for p in g["params"]]
-    state = [t for s in inner.state.values() for t in s.values() if isinstance(t, torch.Tensor) and t.dim() > 0]
-    return {"params": _storage_bytes(params),
-            "grads": _storage_bytes(p.grad for p in params + stepped if p.grad is not None),
-            "optimizer": _storage_bytes(state)}
-
-
-def zero_bytes_per_rank(num_params: int, world_size: int, stage: int, bytes_per_param: tuple = (4, 4, 8),
-                        frozen_params: int = 0) -> dict[str, float]:
-    """The ZeRO paper's model-state bytes per rank for ``num_params`` trainable parameters.
-
-    ``bytes_per_param`` = (weights, gradients, optimizer state): (4, 4, 8) for fp32 Adam, (2, 2, 12) for mixed
-    precision (16-bit weights and gradients, fp32 master weights, m and v). Stage 0 is plain data parallelism;
-    stage 1 divides the optimizer state by N, stage 2 also the gradients, stage 3 also the weights.
-    ``frozen_params`` add weights only (no gradient, no state)."""
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
-    weight, grad, opt = bytes_per_param
-    n = world_size
-    return {"params": (num_params + frozen_params) * weight / (n if stage >= 3 else 1),
-            "grads": num_params * grad / (n if stage >= 2 else 1),
-            "optimizer": num_params * opt / (n if stage >= 1 else 1)}

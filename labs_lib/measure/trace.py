@@ -1,4 +1,4 @@
-"""Measure where training time and memory go: traces, top operators, compute/communication split, MFU, activations.
+"""Where training time goes: torch.profiler traces, top operators, the compute / communication split, collectives.
 
     python -m labs_lib.train --profile ci --out build/runs/prof --trace-steps 3      # one process
     torchrun --standalone --nproc-per-node=2 -m labs_lib.train --profile ci --out build/runs/prof --trace-steps 3
@@ -7,7 +7,7 @@ writes ``trace/rank<r>.*.pt.trace.json`` (Chrome / Perfetto / TensorBoard's prof
 ``trace/ops_rank<r>.json`` (the top operators with self time, calls and FLOPs) for every rank. Then::
 
     step_breakdown(trace_file)   # per profiled step: compute, communication, their overlap, idle
-    mfu(model.flops_per_token(), tokens_per_s, peak_flops(device)[0])
+    collectives(trace_file)      # the collectives a rank launched in a profiled step, with shapes
 """
 
 from __future__ import annotations
@@ -16,54 +16,14 @@ import contextlib
 import glob
 import json
 import math
-import re
-import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-from labs_lib.model import PEAK_FLOPS, mfu  # noqa: F401  (re-exported: the labs import mfu from here)
-
 # Names of collective operations in traces: c10d's operators, the backends' own spans (gloo's run on its worker
 # threads) and NCCL kernels.
 COMM_MARKERS = ("nccl", "gloo:", "c10d::", "record_param_comms")
-
-
-def measure_matmul_flops(size: int = 1024, dtype: torch.dtype = torch.float32, seconds: float = 0.5,
-                         device: str | torch.device = "cpu") -> float:
-    """Achieved FLOP/s of a square matmul on this device: the practical peak of a CPU, measured on the spot."""
-    a = torch.randn(size, size, dtype=dtype, device=device)
-    b = torch.randn(size, size, dtype=dtype, device=device)
-    for _ in range(3):
-        a @ b
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        runs += 1
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * size**3 * runs / (time.perf_counter() - start)
-
-
-def peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16) -> tuple[float, str]:
-    """(peak FLOP/s, where the number comes from): a data-sheet value for known GPUs, else a measurement."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in PEAK_FLOPS.items():
-            if set(key.split()) <= set(re.split(r"[\s_-]+", name)):
-                return value, f"data sheet ({name})"
-        return measure_matmul_flops(8192, dtype, device=device), f"measured matmul ({name})"
-    measured = measure_matmul_flops(1024, torch.float32)
-    return measured, f"measured fp32 matmul on {torch.get_num_threads()} CPU thread(s)"
-
-
-def hfu(flops_per_token: float, tokens_per_s: float, peak: float, recompute_fraction: float = 0.0) -> float:
-    """Hardware FLOPs utilisation: also counts recomputed forward passes (activation checkpointing).
-
-    The forward pass is a third of the training FLOPs; recomputing a fraction f of it adds f/3."""
-    return flops_per_token * (1 + recompute_fraction / 3) * tokens_per_s / peak
 
 
 @contextlib.contextmanager
@@ -195,82 +155,3 @@ def step_breakdown(trace_path: str | Path) -> list[dict]:
                      "comm_ms": _length(comm) / 1e3, "overlap_ms": overlap / 1e3,
                      "idle_ms": (end - start - busy) / 1e3})
     return rows
-
-
-class ActivationMeter:
-    """Bytes that autograd keeps for backward while the context is open, exactly, on any device.
-
-    Counts every distinct storage saved by an operation once (a tensor saved twice, or two views of one buffer,
-    are the same memory) and leaves out the module's parameters, which exist whether or not backward runs::
-
-        with ActivationMeter(model) as meter:
-            loss = model(x, y)[1]
-        meter.bytes
-
-    Memory kept outside autograd's saved-tensor hooks is reported with :meth:`record`: the outputs that selective
-    activation checkpointing caches (labs_lib.memory.selective_policy). Full checkpointing needs nothing extra: the
-    block inputs a checkpoint keeps are saved through the hooks.
-    """
-
-    _open: list[ActivationMeter] = []  # meters whose context is open, innermost last
-
-    @classmethod
-    def record(cls, tensor: torch.Tensor) -> None:
-        """Count ``tensor`` as kept for backward in every open meter (no-op when none is open)."""
-        for meter in cls._open:
-            meter._pack(tensor)
-
-    def __init__(self, module: torch.nn.Module | None = None):
-        self._params = {p.untyped_storage().data_ptr() for p in module.parameters()} if module is not None else set()
-        self._storages: dict[int, int] = {}
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self._params and ptr not in self._storages:
-            self._storages[ptr] = storage.nbytes()
-        return tensor
-
-    @property
-    def bytes(self) -> int:
-        return sum(self._storages.values())
-
-    def __enter__(self) -> ActivationMeter:
-        self._storages.clear()
-        self._hooks.__enter__()
-        ActivationMeter._open.append(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        ActivationMeter._open.remove(self)
-        self._hooks.__exit__(*exc)
-
-
-def training_throughput(cfg, batch_size: int, steps: int = 5, warmup: int = 2, dtype: str = "fp32",
-                        device: str | torch.device = "cpu", seed: int = 0) -> float:
-    """Tokens/s of full training steps (forward, backward, AdamW) of labs_lib's GPT with shape ``cfg``, in-process.
-
-    Median over ``steps`` timed steps after ``warmup`` untimed ones; random tokens (speed does not depend on them)."""
-    from labs_lib.model import GPT
-
-    torch.manual_seed(seed)
-    model = GPT(cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), device=device)
-    autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bf16"
-                else contextlib.nullcontext())
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        with autocast:
-            loss = model(x, x)[1]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    return batch_size * cfg.block_size / times[len(times) // 2]

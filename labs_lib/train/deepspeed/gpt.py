@@ -1,13 +1,13 @@
 """Train the workshop GPT with DeepSpeed (ZeRO 0/1/2/3, ZeRO-Offload): the production side of lab 03's ZeRO by hand.
 
-    python -m labs_lib.ds_train --profile ci --out build/runs/ds --ds-config configs/deepspeed/zero2.json
-    torchrun --standalone --nproc-per-node=2 -m labs_lib.ds_train --profile ci --out build/runs/z3 \
+    python -m labs_lib.train.deepspeed.gpt --profile ci --out build/runs/ds --ds-config configs/deepspeed/zero2.json
+    torchrun --standalone --nproc-per-node=2 -m labs_lib.train.deepspeed.gpt --profile ci --out build/runs/z3 \
         --ds-config configs/deepspeed/zero3.json --max-steps 20
-    TRAIN_MODULE=labs_lib.ds_train sbatch slurm/train_gpt.sbatch --ds-config configs/deepspeed/zero2.json
-    python -m labs_lib.ds_train ... --bf16 --grad-accum 2 --activation-checkpointing --flops-profile --resume
+    TRAIN_MODULE=labs_lib.train.deepspeed.gpt sbatch slurm/train_gpt.sbatch --ds-config configs/deepspeed/zero2.json
+    python -m labs_lib.train.deepspeed.gpt ... --bf16 --grad-accum 2 --activation-checkpointing --flops-profile --resume
 
-Same model (labs_lib.model), same data (each rank reads its slice of the global batch), same learning-rate
-schedule (labs_lib.train.lr_at) and same metrics.jsonl as ``python -m labs_lib.train``: with fp32, dropout 0 and the
+Same model (labs_lib.models.gpt), same data (each rank reads its slice of the global batch), same learning-rate
+schedule (labs_lib.train.gpt.lr_at) and same metrics.jsonl as ``python -m labs_lib.train``: with fp32, dropout 0 and the
 same global batch, every ZeRO stage logs the losses of the DDP run. What differs is who holds what: each record has
 ``mem_rank<r>`` = bytes rank r holds of parameters, gradients (at the accumulation boundary), fp32 master weights and
 Adam moments (``optimizer``), read from the engine's own tensors. ZeRO-1 splits the optimizer state over the ranks,
@@ -15,10 +15,10 @@ ZeRO-2 the gradients too, ZeRO-3 the parameters too.
 
 The JSON configs in configs/deepspeed/ are plain DeepSpeed configs with ``"auto"`` where the run decides: micro-batch
 (``--batch-size``), accumulation (``--grad-accum``), learning rate (the profile's; the schedule sets it every step).
-Their optimizer is labs_lib.train's: AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices only (the trainer passes
+Their optimizer is labs_lib.train.gpt's: AdamW, betas (0.9, 0.95), weight decay 0.1 on matrices only (the trainer passes
 the two parameter groups), gradient clipping 1.0. ``torch_adam: true`` keeps torch's AdamW (DeepSpeed would JIT-build
 its FusedAdam); the offload config leaves it out, so ZeRO-Offload gets DeepSpeedCPUAdam. DeepSpeed joins the process
-group labs_lib.dist made (gloo on CPU, NCCL on GPU): ``deepspeed.init_distributed`` wraps an initialised torch group
+group labs_lib.core.dist made (gloo on CPU, NCCL on GPU): ``deepspeed.init_distributed`` wraps an initialised torch group
 instead of making its own. Outputs in ``--out``: metrics.jsonl, config.json (with the resolved DeepSpeed config),
 tokenizer.json, checkpoints/ (DeepSpeed's save_checkpoint: one folder per step and a ``latest`` file),
 flops_profile.txt (``--flops-profile``).
@@ -40,12 +40,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from labs_lib.config import GPTConfig, TrainConfig, get_profile, override, validate
-from labs_lib.data import TokenBatches, eval_batches, prepare_data
-from labs_lib.deepspeed_setup import start as start_deepspeed
-from labs_lib.dist import all_reduce_mean, cleanup, print0
-from labs_lib.model import GPT
-from labs_lib.train import add_model_args, add_training_args, evaluate, lr_at, model_config_from_args, read_metrics
+from labs_lib.core.config import GPTConfig, TrainConfig, get_profile, override, validate
+from labs_lib.data.text import TokenBatches, eval_batches, prepare_data
+from labs_lib.train.deepspeed.setup import start as start_deepspeed
+from labs_lib.core.dist import all_reduce_mean, cleanup, print0
+from labs_lib.models.gpt import GPT
+from labs_lib.train.gpt import add_model_args, add_training_args, evaluate, lr_at, model_config_from_args, read_metrics
 
 __all__ = ["load_ds_config", "resolve_ds_config", "check_ds_config", "check_training_config", "train",
            "read_metrics", "held_bytes", "deepspeed_bytes_per_rank"]
@@ -131,7 +131,7 @@ def check_ds_config(ds: dict, device_type: str = "cpu") -> None:
 
 # --------------------------------------------------------------------------------------------------- the command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m labs_lib.ds_train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m labs_lib.train.deepspeed.gpt", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", help="ci | cpu | gpu (default: $LABS_PROFILE, else gpu with CUDA, else cpu)")
     p.add_argument("--out", required=True, help="run folder: metrics, checkpoints, tokenizer")
@@ -179,130 +179,9 @@ def check_training_config(args: list[str], world_size: int) -> tuple[GPTConfig, 
     return model_cfg, train_cfg
 
 
-# -------------------------------------------------------------------------------------------------- memory per rank
-def _storage_bytes(tensors, skip: set | None = None) -> tuple[int, set]:
-    """Bytes of the distinct storages behind ``tensors`` (views of one flat buffer count once)."""
-    seen, total = set(skip or ()), 0
-    for t in tensors:
-        if not torch.is_tensor(t) or t.numel() == 0:
-            continue
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total, seen
-
-
-def _tensors(x):
-    if torch.is_tensor(x):
-        yield x
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _tensors(v)
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _tensors(v)
-
-
-def held_bytes(engine, grads: bool = False) -> dict[str, int]:
-    """What this rank holds, read from the engine's tensors: ``params`` (ZeRO-3: this rank's partition),
-    ``master`` (fp32 copies the ZeRO optimizers keep beside the model's weights), ``optimizer`` (Adam's moments);
-    with ``grads=True`` also ``grads`` (full .grad tensors plus ZeRO's reduced gradient partitions)."""
-    params = list({id(p): p for p in engine.module.parameters()}.values())
-    params_b, param_storages = _storage_bytes(getattr(p, "ds_tensor", p) for p in params)
-    zero_opt = engine.optimizer
-    inner = getattr(zero_opt, "optimizer", zero_opt)  # ZeRO wraps torch's (or DeepSpeedCPUAdam) optimizer
-    masters = [getattr(zero_opt, name, None) for name in ("single_partition_of_fp32_groups",  # ZeRO-1/2
-                                                          "fp32_partitioned_groups_flat",  # ZeRO-3
-                                                          "fp32_groups_flat_partition",  # bf16 optimizer
-                                                          "fp32_groups")]  # bf16, ZeRO-0
-    master_b, _ = _storage_bytes(_tensors(masters), skip=param_storages)  # fp32 ZeRO-3 reuses the weights
-    optim_b, _ = _storage_bytes(_tensors(list(inner.state.values())))
-    held = {"params": params_b, "master": master_b, "optimizer": optim_b}
-    if grads:
-        partitions = [getattr(zero_opt, "averaged_gradients", None), getattr(zero_opt, "grad_partitions_flat_buffer",
-                                                                             None)]
-        held["grads"] = _storage_bytes(list(_tensors(partitions)) + [t.grad for t in params + list(_tensors(masters))
-                                                                     if t.grad is not None])[0]  # offload: masters'
-    return held
-
-
-def _gather_held(held: dict[str, int], world_size: int) -> dict[str, dict[str, int]]:
-    keys = sorted(held)
-    mine = torch.tensor([held[k] for k in keys], dtype=torch.int64)
-    if world_size == 1:
-        return {"mem_rank0": held}
-    everyone = [torch.zeros_like(mine) for _ in range(world_size)]
-    dist.all_gather(everyone, mine)
-    return {f"mem_rank{r}": dict(zip(keys, t.tolist())) for r, t in enumerate(everyone)}
-
-
-# ------------------------------------------------------------- what DeepSpeed 0.19.8 holds per rank, from its code
-def _zero12_partition(numels: list[int], world: int, rank: int) -> tuple[int, int, int]:
-    """One parameter group of DeepSpeed's ZeRO-1/2 optimizer (deepspeed/runtime/zero/stage_1_and_2.py), fp32, no
-    round_robin_gradients, no parameter_alignment: returns (partition_size, whole, pad). Line numbers: 0.19.8.
-
-    The group is flattened and padded to a multiple of ``alignment = nccl_start_alignment_factor (2) * world``
-    (``__init__`` l.441-446, ``flatten_dense_tensors_aligned`` l.1390); each rank owns ``partition_size = padded //
-    world`` elements (l.587). ``whole``: the elements of every parameter that overlaps this rank's partition, counted
-    whole (``get_partition_info`` l.2579: a parameter straddling a boundary is in both ranks' ``params_in_partition``).
-    ``pad``: the zeros ``_get_flat_partition_unpadded`` (l.2890) appends where the partition runs past the group's
-    last element (the alignment padding, on the last rank; ``get_flat_partition`` l.2728 when no parameter is in it)."""
-    total = sum(numels)
-    alignment = 2 * world
-    partition_size = -(-total // alignment) * alignment // world
-    start, end, offset, whole = rank * partition_size, (rank + 1) * partition_size, 0, 0
-    for numel in numels:
-        if start <= offset < end or offset < start < offset + numel:
-            whole += numel
-        offset += numel
-    return partition_size, whole, partition_size - min(partition_size, max(0, total - start))
-
-
-def deepspeed_bytes_per_rank(groups: list[list[int]], world: int, rank: int, stage: int,
-                             offload: bool = False) -> dict[str, int]:
-    """Bytes rank ``rank`` holds in DeepSpeed 0.19.8, fp32 weights and torch's AdamW, as :func:`held_bytes` reads
-    them (the gradients right after backward at the accumulation boundary, before the step), derived from
-    DeepSpeed's code rather than the ZeRO paper. ``groups``: the numel of each parameter of each optimizer group,
-    in order (:func:`optimizer_groups`). Beside the paper's 4/4/12 bytes per parameter over the ranks:
-
-    - optimizer: fp32 master partition + Adam's m and v (3 x 4 bytes a partition element, alignment padding included)
-      plus AdamW's 4-byte ``step`` tensor per tensor it updates (one per flat group from stage 1 on, one per parameter
-      at stage 0, where DeepSpeed hands the model's parameters to AdamW itself; none with ZeRO-Offload, whose
-      DeepSpeedCPUAdam keeps the step count in a Python int);
-    - ZeRO-1 and ZeRO-2 gradients (the same code path in 0.19.8 with ``contiguous_gradients``, its default): at the
-      boundary ``reduce_ipg_grads`` (l.2205, l.2270-2274) copies the reduced gradient of every parameter in
-      ``params_in_partition`` -- the whole parameter, also the part that belongs to the neighbouring rank -- into
-      one buffer ``grads_in_partition`` (``copy_grads_in_partition`` l.2184-2196: ``total_size +=
-      param_in_partition.numel()``); ``independent_gradient_partition_epilogue`` (l.1016-1068) keeps views of it in
-      ``averaged_gradients`` (``get_flat_partition(..., return_tensor_list=True)``) plus the zero padding, and frees
-      every ``param.grad`` (``_clear_param_grad_only``). The ipg bucket (``reduce_bucket_size`` elements,
-      ``setup_buckets`` l.3256) is freed at the end of that epilogue (``_release_ipg_buffers`` l.924), so it is not
-      held at this point: it is backward-time memory;
-    - ZeRO-Offload (stage 1/2, ``offload_optimizer``): the gradient partition is the fp32 master's ``.grad``
-      (``initialize_optimizer_states`` l.934 allocates ``partition_size`` elements and keeps it when offloading); the
-      gradient reaches it through two scratch buffers of the largest parameter's size (``temp_grad_buffer_for_*``,
-      l.651-659), which :func:`held_bytes` and this count leave out: staging space, not gradients;
-    - ZeRO-3: each parameter is padded to a multiple of the ranks (partition_parameters.py ``_aligned_size``,
-      ``_partition_param`` l.1816) and split: ceil(numel/R) elements of weight, of gradient and of master, m and v
-      per parameter.
-    """
-    numels = [n for g in groups for n in g]
-    if stage == 0:
-        return {"params": 4 * sum(numels), "grads": 4 * sum(numels), "optimizer": 8 * sum(numels) + 4 * len(numels)}
-    if stage == 3:
-        part = sum(-(-n // world) for n in numels)
-        return {"params": 4 * part, "grads": 4 * part, "optimizer": 12 * part + 4 * len(groups)}
-    parts = [_zero12_partition(g, world, rank) for g in groups]
-    partition = sum(p for p, _, _ in parts)
-    grads = partition if offload else sum(whole + pad for _, whole, pad in parts)
-    steps = 0 if offload else 4 * len(groups)  # DeepSpeedCPUAdam counts its steps in a Python int, no tensor
-    return {"params": 4 * sum(numels), "grads": 4 * grads, "optimizer": 12 * partition + steps}
-
-
 # --------------------------------------------------------------------------------------------------------- training
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """labs_lib.train.make_optimizer's split: weight decay on matrices only, tied weights once."""
+    """labs_lib.train.gpt.make_optimizer's split: weight decay on matrices only, tied weights once."""
     params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -437,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from labs_lib.dist import exit_process
+    from labs_lib.core.dist import exit_process
 
     main()
     exit_process()  # not the interpreter's teardown: leftover gloo threads can abort it

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 PROFILES = ("ci", "cpu", "gpu")
 DTYPES = ("fp32", "bf16", "fp16")
-CHECKPOINT_MODES = ("none", "full", "selective")  # activation checkpointing (labs_lib.memory)
+CHECKPOINT_MODES = ("none", "full", "selective")  # activation checkpointing (labs_lib.parallel.recompute)
+ZERO_STAGES = (0, 1, 2, 3)  # 0: plain data parallelism; 1, 2, 3: ZeRO (by hand, or DeepSpeed's)
 
 
 @dataclass
@@ -86,8 +87,8 @@ class TrainConfig:
     ddp_overlap: bool = True  # all-reduce buckets during backward (False: one all-reduce after backward)
     trace_steps: int = 0  # >0: torch.profiler trace of that many steps (after 1 skipped + 1 warm-up) into out/trace
     compile: bool = False  # torch.compile the model (GPU: fused kernels; the first steps pay for compilation)
-    activation_checkpointing: str = "none"  # none | full | selective (labs_lib.memory)
-    zero_stage: int = 0  # 0: DDP; 1/2/3: ZeRO by hand (labs_lib.memory.ZeroDataParallel), data parallel only
+    activation_checkpointing: str = "none"  # none | full | selective (labs_lib.parallel.recompute)
+    zero_stage: int = 0  # 0: DDP; 1/2/3: ZeRO by hand (parallel.zero_data_parallel), data parallel only
 
     def schedule_steps(self) -> int:
         return self.lr_decay_steps or self.max_steps
@@ -123,8 +124,9 @@ class Profile:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
-def _padded(n: int, multiple: int = 64) -> int:
-    """Vocabulary padded to a multiple of 64: faster matmuls, and divisible for tensor parallelism."""
+def padded_vocab(n: int, multiple: int = 64) -> int:
+    """The embedding table's size for a tokenizer of ``n`` tokens: padded to a multiple of 64 (faster matmuls, and
+    divisible for tensor parallelism). The one padding rule of the project."""
     return -(-n // multiple) * multiple
 
 
@@ -133,21 +135,21 @@ def _profiles() -> dict[str, Profile]:
     return {
         "ci": Profile(
             "ci",
-            GPTConfig(vocab_size=_padded(ci_vocab), block_size=64, n_layer=2, n_head=2, n_embd=64),
+            GPTConfig(vocab_size=padded_vocab(ci_vocab), block_size=64, n_layer=2, n_head=2, n_embd=64),
             TrainConfig(batch_size=8, max_steps=60, lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=20,
                         eval_iters=2, checkpoint_interval=20, tokenizer_vocab=ci_vocab,
                         corpus_max_bytes=1_000_000),
         ),
         "cpu": Profile(
             "cpu",
-            GPTConfig(vocab_size=_padded(cpu_vocab), block_size=128, n_layer=4, n_head=4, n_embd=128),
+            GPTConfig(vocab_size=padded_vocab(cpu_vocab), block_size=128, n_layer=4, n_head=4, n_embd=128),
             TrainConfig(batch_size=16, max_steps=400, lr=1e-3, min_lr=1e-4, warmup_steps=20, eval_interval=100,
                         eval_iters=4, checkpoint_interval=100, tokenizer_vocab=cpu_vocab,
                         corpus_max_bytes=4_000_000),
         ),
         "gpu": Profile(
             "gpu",
-            GPTConfig(vocab_size=_padded(gpu_vocab), block_size=1024, n_layer=12, n_head=12, n_embd=768),
+            GPTConfig(vocab_size=padded_vocab(gpu_vocab), block_size=1024, n_layer=12, n_head=12, n_embd=768),
             TrainConfig(batch_size=16, grad_accum=2, max_steps=2000, lr=6e-4, min_lr=6e-5, warmup_steps=100,
                         eval_interval=250, eval_iters=10, checkpoint_interval=500, dtype="bf16",
                         tokenizer_vocab=gpu_vocab, compile=True),
@@ -218,7 +220,7 @@ def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: Paral
         need(train.activation_checkpointing in CHECKPOINT_MODES,
              f"activation_checkpointing {train.activation_checkpointing!r} does not exist: choose one of "
              f"{', '.join(CHECKPOINT_MODES)}")
-        need(train.zero_stage in (0, 1, 2, 3), f"zero_stage={train.zero_stage} does not exist: use 0, 1, 2 or 3")
+        need(train.zero_stage in ZERO_STAGES, f"zero_stage={train.zero_stage} does not exist: use 0, 1, 2 or 3")
         need(train.zero_stage == 0 or train.dtype != "fp16",
              "fp16 loss scaling is not supported with --zero-stage (the scaler cannot see the sharded gradients): "
              "use --dtype bf16")
@@ -231,7 +233,7 @@ def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: Paral
              "use at least 257")
         need(model.vocab_size >= train.tokenizer_vocab,
              f"model vocab_size={model.vocab_size} is smaller than the tokenizer's {train.tokenizer_vocab} tokens: "
-             f"set vocab_size to at least {train.tokenizer_vocab} (padded: {_padded(train.tokenizer_vocab)})")
+             f"set vocab_size to at least {train.tokenizer_vocab} (padded: {padded_vocab(train.tokenizer_vocab)})")
 
     if parallel is not None:
         need(world_size >= 1, f"world size must be >= 1, got {world_size}")
@@ -244,7 +246,7 @@ def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: Paral
              f"n_head={model.n_head} is not divisible by tp={p.tp}: choose tp among the divisors of n_head")
         need(model.vocab_size % p.tp == 0,
              f"vocab_size={model.vocab_size} is not divisible by tp={p.tp}: pad the vocabulary to a multiple of "
-             f"{p.tp} (e.g. {_padded(model.vocab_size, 64 * p.tp)})")
+             f"{p.tp} (e.g. {padded_vocab(model.vocab_size, 64 * p.tp)})")
         need(model.n_layer % p.pp == 0,
              f"n_layer={model.n_layer} is not divisible by pp={p.pp}: choose pp among the divisors of n_layer")
         if train is not None and train.zero_stage:

@@ -40,7 +40,7 @@ def plot_memory_table(rows: list[dict], ax=None):
 
 def plot_timeline(trace_paths: dict[int, str], step: int = 0, ax=None):
     """Gantt chart of one profiled step per rank: compute and communication intervals (from Chrome traces)."""
-    from labs_lib.profiling import timeline
+    from labs_lib.measure.trace import timeline
 
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 1 + 0.8 * len(trace_paths)))
@@ -64,7 +64,7 @@ _PIPELINE_COLORS = {"forward": ("tab:blue", "lightskyblue"), "backward": ("tab:g
 
 
 def plot_pipeline_timeline(results: list[dict], title: str | None = None, ax=None):
-    """Gantt chart of one pipeline step, one row per rank (``labs_lib.parallel.pipeline_run`` results).
+    """Gantt chart of one pipeline step, one row per rank (``labs_lib.train.pipeline_job`` results).
 
     Forward and backward boxes carry their micro-batch number (a second model chunk of interleaved 1F1B in a lighter
     shade, its number primed); thin bars show waiting for a neighbour's message (recv), posting sends (and, at the
@@ -211,7 +211,7 @@ def plot_patches(image, patch_size: int, ax=None):
 
 
 def plot_epochs(records: list[dict], axes=None):
-    """Training and held-out loss, and held-out accuracy, per epoch (records of labs_lib.ds_vision_train)."""
+    """Training and held-out loss, and held-out accuracy, per epoch (records of labs_lib.train.deepspeed.vit)."""
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(12, 4))
     epochs = [r["epoch"] for r in records]

@@ -32,7 +32,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
-from labs_lib import paths
+from labs_lib.core import paths
 
 FORMAT_VERSION = 1  # bump when the files written by prepare_data change meaning
 EOT = "<|endoftext|>"  # the one special token; it ends every document in the token stream

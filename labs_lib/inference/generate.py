@@ -1,7 +1,8 @@
 """Sample text from a trained run.
 
-    python -m labs_lib.generate --checkpoint build/runs/demo --prompt "def "
-    python -m labs_lib.generate --checkpoint build/runs/demo/checkpoints/step_000060 --temperature 0 --max-new-tokens 80
+    python -m labs_lib.inference.generate --checkpoint build/runs/demo --prompt "def "
+    python -m labs_lib.inference.generate --checkpoint build/runs/demo/checkpoints/step_000060 --temperature 0 \
+        --max-new-tokens 80
 
 ``--checkpoint`` is a run folder (its newest checkpoint is used) or one ``step_N`` folder of it.
 """
@@ -13,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from labs_lib import checkpoint
-from labs_lib.config import GPTConfig
-from labs_lib.data import decode, encode, load_tokenizer
-from labs_lib.model import GPT
+from labs_lib.core import checkpoint
+from labs_lib.core.config import GPTConfig
+from labs_lib.data.text import decode, encode, load_tokenizer
+from labs_lib.models.gpt import GPT
 
 
 def resolve(path: str | Path) -> tuple[Path, Path]:
@@ -51,7 +52,8 @@ def sample(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 100, temper
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m labs_lib.generate", description="Sample text from a trained run.")
+    p = argparse.ArgumentParser(prog="python -m labs_lib.inference.generate",
+                                description="Sample text from a trained run.")
     p.add_argument("--checkpoint", required=True, help="run folder or checkpoints/step_N folder")
     p.add_argument("--prompt", default="def ")
     p.add_argument("--max-new-tokens", type=int, default=100)

@@ -1,9 +1,9 @@
 """Process-group setup that works the same under torchrun, under Slurm, and as one plain process.
 
-    python -m labs_lib.dist                                   # one process: prints the all-reduce check
-    python -m labs_lib.dist --backend nccl                    # a group of one: the NCCL path on a one-GPU machine
-    torchrun --nproc-per-node=2 -m labs_lib.dist              # 2 processes, gloo on CPU / NCCL on GPU
-    srun --nodes=2 --ntasks-per-node=2 python -m labs_lib.dist   # Slurm tasks mapped to ranks
+    python -m labs_lib.core.dist                                   # one process: prints the all-reduce check
+    python -m labs_lib.core.dist --backend nccl                    # a group of one: the NCCL path on a one-GPU machine
+    torchrun --nproc-per-node=2 -m labs_lib.core.dist              # 2 processes, gloo on CPU / NCCL on GPU
+    srun --nodes=2 --ntasks-per-node=2 python -m labs_lib.core.dist   # Slurm tasks mapped to ranks
 
 Under Slurm without torchrun, ``SLURM_PROCID`` / ``SLURM_NTASKS`` / ``SLURM_LOCALID`` become the rank, world size
 and local rank, and the head node's address comes from ``scontrol show node`` (simulated node names do not
@@ -158,7 +158,7 @@ def main() -> None:
     import argparse
     import socket
 
-    p = argparse.ArgumentParser(prog="python -m labs_lib.dist", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m labs_lib.core.dist", description=main.__doc__)
     p.add_argument("--backend", choices=("nccl", "gloo"), help="force a backend (also for a single process)")
     info = init_distributed(p.parse_args().backend)
     t = torch.tensor([float(info.rank + 1)], device=info.device)

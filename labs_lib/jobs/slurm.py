@@ -1,12 +1,12 @@
 """Submit, follow, tail and cancel Slurm jobs from a notebook cell (or a script).
 
-    from labs_lib import slurm
+    from labs_lib.jobs import slurm
     slurm.ensure_local_cluster()          # a site Slurm if there is one, else starts slurm/local/up.sh
     job = slurm.submit("allreduce.sbatch")
     job.wait()                            # progress bar; ("COMPLETED", 0), or raises JobFailed with the log's tail
     print(job.tail())
 
-    python -m labs_lib.slurm up | down | status
+    python -m labs_lib.jobs.slurm up | down | status
 
 Environment variables for the job script are keyword arguments in capitals (``submit("train_gpt.sbatch",
 NPROC_PER_NODE=2, OUT="build/runs/a")``); sbatch options are the lower-case keywords (``nodes=2``) or
@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from labs_lib.paths import PROJECT_ROOT, build_dir
+from labs_lib.core.paths import PROJECT_ROOT, build_dir
+from labs_lib.jobs.process import failure_report
 
 UP_SCRIPT = PROJECT_ROOT / "slurm" / "local" / "up.sh"
 DOWN_SCRIPT = PROJECT_ROOT / "slurm" / "local" / "down.sh"
@@ -37,26 +38,6 @@ DONE_BAD = {"FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEA
 
 class SlurmUnavailable(RuntimeError):
     """Slurm is not installed and cannot be installed on this machine (use torchrun instead)."""
-
-
-# The line that says what went wrong: an exception, a C++ abort, a signal, an srun/sbatch error.
-_ERROR_LINE = re.compile(r"\b[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b: |terminate called|Segmentation fault|"
-                         r"\bKilled\b|out of memory|^(\d+: )?(srun|sbatch|slurmstepd): error:")
-
-
-def first_error(log: str) -> str:
-    """The first line of a job's log that says what went wrong ("" if none does). A failing rank's message comes
-    before the launchers' reports of it (torchrun's ChildFailedError, srun's "task 0: Exited"), which fill the tail.
-    An echoed command (a line starting ``$ ``) is not an error, whatever its arguments say."""
-    return next((line for line in log.splitlines() if not line.startswith("$ ") and _ERROR_LINE.search(line)), "")
-
-
-def failure_report(log: str, n: int = 20) -> str:
-    """The log's first error (when the tail does not show it) and its last ``n`` lines, for an exception message."""
-    lines = log.splitlines()
-    tail, first = "\n".join(lines[-n:]), first_error(log)
-    head = f"--- first error in the log ---\n{first}\n" if first and first not in lines[-n:] else ""
-    return f"{head}--- last lines of the log ---\n{tail}"
 
 
 class JobFailed(RuntimeError):
@@ -276,7 +257,7 @@ def status() -> str:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m labs_lib.slurm", description="The workshop's Slurm cluster.")
+    parser = argparse.ArgumentParser(prog="python -m labs_lib.jobs.slurm", description="The workshop's Slurm cluster.")
     parser.add_argument("command", choices=("up", "down", "status"),
                         help="up: a site Slurm or the local one (installs it as root); down: stop the local one")
     args = parser.parse_args(argv)
@@ -291,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     if not available() and (build_dir() / "slurm" / "env.sh").exists():
         _load_env_file()  # the local cluster, if it runs
     if not available():
-        raise SystemExit("no Slurm cluster answers (python -m labs_lib.slurm up starts the local one)")
+        raise SystemExit("no Slurm cluster answers (python -m labs_lib.jobs.slurm up starts the local one)")
     print(f"SLURM_CONF={os.environ.get('SLURM_CONF', '(site default)')}\n{status()}")
 
 

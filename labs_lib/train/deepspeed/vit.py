@@ -1,15 +1,15 @@
 """Train lab 06's vision transformer on the digits with DeepSpeed: ZeRO + bf16, metrics, the flops profiler's report.
 
-    python -m labs_lib.ds_vision_train --out build/runs/vit                               # one process
-    torchrun --standalone --nproc-per-node=2 -m labs_lib.ds_vision_train --out build/runs/vit --zero-stage 2 --bf16
+    python -m labs_lib.train.deepspeed.vit --out build/runs/vit                               # one process
+    torchrun --standalone --nproc-per-node=2 -m labs_lib.train.deepspeed.vit --out build/runs/vit --zero-stage 2 --bf16
     sbatch slurm/train_vit.sbatch --flops-profile                                          # 2 nodes x 1 rank
 
 The DeepSpeed config is configs/deepspeed/vit_zero2_bf16.json, a plain DeepSpeed config with ``"auto"`` where the run
 decides: the micro-batch per rank and the learning rate (the profile's, or ``--batch-size`` / ``--lr``) and the
 WarmupCosineLR schedule's length (``--epochs`` × steps per epoch, 10 % warm-up). ``--zero-stage`` and ``--bf16`` /
-``--no-bf16`` override the file. DeepSpeed joins the process group labs_lib.dist made (gloo on CPU, NCCL on GPU).
+``--no-bf16`` override the file. DeepSpeed joins the process group labs_lib.core.dist made (gloo on CPU, NCCL on GPU).
 
-Each rank trains on its slice of every global batch (labs_lib.vision.ShardedLoader) and evaluates its slice of the
+Each rank trains on its slice of every global batch (labs_lib.models.vit.ShardedLoader) and evaluates its slice of the
 held-out set; the counts are summed over the ranks. Written into ``--out`` by rank 0:
 
     run.json            model config, parameter count, FLOPs per image (formula), world size, the resolved
@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from labs_lib.ds_train import require_filled
-from labs_lib.paths import PROJECT_ROOT
-from labs_lib.vision import ShardedLoader, ViT, ViTConfig, load_digits_split, vit_flops_per_image, vit_profile
+from labs_lib.train.deepspeed.gpt import require_filled
+from labs_lib.core.paths import PROJECT_ROOT
+from labs_lib.models.vit import ShardedLoader, ViT, ViTConfig, load_digits_split, vit_flops_per_image, vit_profile
 
 __all__ = ["DEFAULT_CONFIG", "build_parser", "settings_from_args", "resolve_ds_config", "check_args", "train",
            "train_args", "torchrun", "read_metrics", "read_run", "read_predictions", "flops_profile_summary",
@@ -48,7 +48,7 @@ WARMUP_FRACTION = 0.1
 
 # ---------------------------------------------------------------------------------------------- settings and config
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m labs_lib.ds_vision_train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m labs_lib.train.deepspeed.vit", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="run folder: run.json, metrics.jsonl, predictions.json, flops profile")
     p.add_argument("--profile", help="ci | cpu | gpu (default: $LABS_PROFILE, else gpu with CUDA, else cpu)")
@@ -205,8 +205,8 @@ def _gather(values: dict[str, int], world_size: int) -> list[dict[str, int]]:
 
 def train(settings: dict, out: str | Path) -> list[dict]:
     """Train in this process, as one rank of whatever launched it (torchrun, srun, or alone). Returns the metrics."""
-    from labs_lib.deepspeed_setup import start
-    from labs_lib.dist import all_reduce_mean, cleanup, print0
+    from labs_lib.train.deepspeed.setup import start
+    from labs_lib.core.dist import all_reduce_mean, cleanup, print0
 
     deepspeed, info = start()
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -399,14 +399,14 @@ def torchrun(out: str | Path, nproc: int = 2, progress: bool = True, **settings)
     progress bar per epoch; returns the metrics. Raises LaunchError with the log's tail if it fails."""
     from tqdm.auto import tqdm
 
-    from labs_lib.launch import run_child
+    from labs_lib.jobs.launch import run_child
 
     out = Path(out).resolve()
     args = train_args(out, **settings)
     s = check_args(args, nproc)  # a bad setting fails here, before any process starts
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "labs_lib.ds_vision_train", *args]
+           "-m", "labs_lib.train.deepspeed.vit", *args]
     bar = tqdm(total=s["epochs"], desc=f"torchrun x{nproc}", unit="epoch", disable=not progress)
 
     def show_epoch():
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from labs_lib.dist import exit_process
+    from labs_lib.core.dist import exit_process
 
     main()
     exit_process()  # not the interpreter's teardown: leftover gloo threads can abort it

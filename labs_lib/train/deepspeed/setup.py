@@ -1,6 +1,6 @@
 """Build DeepSpeed's CPU ops once, at setup time, so that no lab waits a minute for a compiler.
 
-    python -m labs_lib.deepspeed_setup          # what `make setup` runs; prints what it built, skips what is cached
+    python -m labs_lib.train.deepspeed.setup          # what `make setup` runs; prints what it built, skips what is cached
 
 DeepSpeed installs from its sdist without compiled ops and JIT-compiles each one (with ninja and the C++ compiler)
 the first time it is used, into ``$TORCH_EXTENSIONS_DIR/<op>/``. The labs use two:
@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from labs_lib.paths import build_dir
+from labs_lib.core.paths import build_dir
 
 OPS = ("deepspeed_shm_comm", "cpu_adam")
 
@@ -62,7 +62,7 @@ def start():
 
     import torch
 
-    from labs_lib.dist import init_distributed
+    from labs_lib.core.dist import init_distributed
 
     configure_environment()  # before import deepspeed: CPU accelerator, the op cache of `make setup`
     import deepspeed

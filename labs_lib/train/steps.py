@@ -1,0 +1,219 @@
+"""One optimizer step of the GPT on each layout: the strategies behind ``python -m labs_lib.train``'s loop.
+
+    strategy = make_strategy(model, cfg, parallel, info, mesh)   # DataParallelStep | ZeroStep | MeshStep
+    result = train_step(strategy, batches, cfg, device)          # {"loss", "grad_norm", "mem_rank<r>"...}
+
+What differs between the layouts is each strategy's ``forward_backward`` (one micro-batch), ``finish_gradients``
+(the data-parallel reduction once the micro-batches are done), ``clip_grad_norm_`` and ``held_bytes``, and what a
+checkpoint holds (``checkpoint_state`` / ``load_checkpoint``); :func:`train_step` is the same for all, the way
+torchtitan splits ``train_step`` from ``forward_backward_step``. Checkpoints stay single-device: the weights are
+gathered on save and cut again on resume; optimizer state is saved per shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from labs_lib.core import checkpoint
+from labs_lib.core.config import TrainConfig
+from labs_lib.core.dist import DistInfo, all_reduce_mean
+from labs_lib.measure.memory import gather_per_rank, held_bytes, per_rank_fields
+from labs_lib.parallel.mesh import Mesh
+from labs_lib.parallel.parallel3d import Parallel3D
+from labs_lib.parallel.recompute import apply_activation_checkpointing
+from labs_lib.parallel.rng import TP_RNG, get_rng_tracker
+from labs_lib.parallel.zero_data_parallel import ZeroDataParallel
+from labs_lib.train.optim import make_optimizer, param_groups
+
+
+def autocast(dtype: str, device: torch.device):
+    """The forward's mixed precision: none for fp32, else torch.autocast to bf16 / fp16."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+def all_reduce_gradients(model: torch.nn.Module, world_size: int, group=None) -> None:
+    """Average all gradients over ``group`` (of ``world_size`` ranks) in one flat all-reduce after backward (the
+    no-overlap baseline of lab 02; the data parallelism of a tensor/pipeline-parallel run)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= world_size
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
+@torch.no_grad()
+def evaluate(model, batches: list, dtype: str, device: torch.device) -> float:
+    """Mean loss of ``model(x, y)`` over ``batches``, averaged over the ranks (every rank has its own slice)."""
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with autocast(dtype, device):
+            losses.append(model(x.to(device), y.to(device))[1].float().item())
+    model.train()
+    return all_reduce_mean(sum(losses) / len(losses))
+
+
+class DataParallelStep:
+    """One process, or torch DDP over every rank (``overlap``: all-reduce buckets during backward; without it,
+    every micro-batch runs under no_sync and one flat all-reduce follows backward)."""
+
+    def __init__(self, model, cfg: TrainConfig, info: DistInfo):
+        self.model, self.info = model, info
+        self.optimizer = make_optimizer(param_groups(model, cfg.weight_decay), cfg)
+        compiled = torch.compile(model) if cfg.compile else model  # compile, then wrap (torchtitan's order)
+        self.forward_model = (DistributedDataParallel(compiled, bucket_cap_mb=cfg.ddp_bucket_mb) if info.distributed
+                              else compiled)
+        self.overlap = cfg.ddp_overlap or not info.distributed
+
+    def forward_backward(self, x, y, last: bool, accum: int, scaler, dtype: str):
+        sync = self.info.distributed and last and self.overlap
+        with contextlib.nullcontext() if sync or not self.info.distributed else self.forward_model.no_sync():
+            with autocast(dtype, self.info.device):
+                loss = self.forward_model(x, y)[1] / accum
+            scaler.scale(loss).backward()
+        return loss
+
+    def finish_gradients(self) -> None:
+        if not self.overlap:
+            all_reduce_gradients(self.model, self.info.world_size)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def held_bytes(self) -> dict[str, int]:
+        return held_bytes(self.model, self.optimizer)
+
+    @property
+    def evaluated(self):
+        return self.model
+
+    def checkpoint_state(self, tmp: Path) -> tuple[dict | None, dict | None]:
+        checkpoint.write_rank_state(tmp, self.info.rank)
+        return (self.model.state_dict() if self.info.is_main else None), self.optimizer.state_dict()
+
+    def load_checkpoint(self, latest: Path) -> None:
+        self.optimizer.load_state_dict(checkpoint.load_optimizer_state(latest))
+
+
+class ZeroStep(DataParallelStep):
+    """ZeRO by hand (labs_lib.parallel.zero_data_parallel) instead of DDP: it owns the forward, the optimizer and
+    the gradient synchronization. Each rank checkpoints its own optimizer shard."""
+
+    def __init__(self, model, cfg: TrainConfig, info: DistInfo):
+        self.model, self.info, self.overlap = model, info, True
+        forward = torch.compile(model) if cfg.compile else model
+        self.zero = ZeroDataParallel(model, cfg.zero_stage, param_groups(model, cfg.weight_decay), cfg.lr,
+                                     (cfg.beta1, cfg.beta2), cfg.ddp_bucket_mb, forward_model=forward)
+        self.optimizer = self.zero.optimizer
+
+    def forward_backward(self, x, y, last: bool, accum: int, scaler, dtype: str):
+        with self.zero.micro_batch(last):  # stage 1: no_sync but for the last; 2/3: reduce-scatter each backward
+            with autocast(dtype, self.info.device):
+                loss = self.zero(x, y)[1] / accum
+            scaler.scale(loss).backward()
+        return loss
+
+    def finish_gradients(self) -> None:
+        pass  # done by micro_batch
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return self.zero.clip_grad_norm_(max_norm)
+
+    def held_bytes(self) -> dict[str, int]:
+        return self.zero.held_bytes()
+
+    @property
+    def evaluated(self):
+        return self.zero
+
+    def checkpoint_state(self, tmp: Path) -> tuple[dict | None, dict | None]:
+        checkpoint.write_rank_state(tmp, self.info.rank)
+        checkpoint.write_optimizer_shard(tmp, self.zero.shard_name(self.info.rank), self.optimizer.state_dict())
+        return self.zero.full_state_dict(), None  # weights gathered whole (stage 3: a collective)
+
+    def load_checkpoint(self, latest: Path) -> None:
+        self.optimizer.load_state_dict(checkpoint.load_optimizer_shard(latest, self.zero.shard_name(self.info.rank)))
+
+
+class MeshStep:
+    """DP x TP x PP (labs_lib.parallel.parallel3d): the pipeline schedule runs forward and backward of each batch,
+    then one all-reduce over the data-parallel group. Optimizer state is saved per (pp, tp) shard."""
+
+    def __init__(self, model: Parallel3D, cfg: TrainConfig, info: DistInfo, mesh: Mesh):
+        self.model, self.info, self.mesh = model, info, mesh
+        self.optimizer = make_optimizer(param_groups(model, cfg.weight_decay), cfg)
+
+    def forward_backward(self, x, y, last: bool, accum: int, scaler, dtype: str):
+        with autocast(dtype, self.info.device):
+            return self.model.forward_backward(x, y, accum)
+
+    def finish_gradients(self) -> None:
+        if self.mesh.dp > 1:
+            all_reduce_gradients(self.model, self.mesh.dp, self.mesh.dp_group)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return self.model.clip_grad_norm_(max_norm)
+
+    def held_bytes(self) -> None:
+        return None  # per-rank bytes are measured on the data-parallel layouts
+
+    @property
+    def evaluated(self):
+        return self.model
+
+    def checkpoint_state(self, tmp: Path) -> tuple[dict | None, dict | None]:
+        cpu, cuda = get_rng_tracker().states[TP_RNG]
+        extra = {"tensor_parallel_torch": cpu} | ({"tensor_parallel_cuda": cuda} if cuda is not None else {})
+        checkpoint.write_rank_state(tmp, self.info.rank, extra)
+        if self.mesh.dp_rank == 0:  # the other replicas hold the same
+            checkpoint.write_optimizer_shard(tmp, self.mesh.shard_name, self.optimizer.state_dict())
+        return self.model.full_state_dict(), None  # the single-device weights (a collective)
+
+    def load_checkpoint(self, latest: Path) -> None:
+        self.optimizer.load_state_dict(checkpoint.load_optimizer_shard(latest, self.mesh.shard_name))
+
+
+def make_strategy(model, cfg: TrainConfig, parallel, info: DistInfo, mesh: Mesh | None, latest: Path | None):
+    """The step strategy for the layout, built around the single-device ``model`` in torchtitan's order: TP and
+    pipeline stages (Parallel3D), then activation checkpointing, then compile and DDP / ZeRO. A resumed run's
+    single-device weights are loaded before the model is split or sharded; each strategy's ``load_checkpoint``
+    then restores its optimizer state."""
+    if latest is not None:
+        model.load_state_dict(checkpoint.load_model_state(latest))
+    if mesh is not None:
+        model = Parallel3D(model, mesh, parallel)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    if mesh is not None:
+        return MeshStep(model, cfg, info, mesh)
+    return ZeroStep(model, cfg, info) if cfg.zero_stage else DataParallelStep(model, cfg, info)
+
+
+def train_step(strategy, batches, cfg: TrainConfig, device: torch.device, scaler) -> dict:
+    """One optimizer step: ``grad_accum`` micro-batches forward and backward, the gradients finished, clipped and
+    applied; returns the record's fields (the loss averaged over the ranks; ``mem_rank<r>``: each rank's held
+    bytes after the step, on the data-parallel layouts)."""
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro-batch
+    for micro in range(cfg.grad_accum):
+        x, y = (t.to(device, non_blocking=True) for t in next(batches))
+        loss = strategy.forward_backward(x, y, micro == cfg.grad_accum - 1, cfg.grad_accum, scaler, cfg.dtype)
+        loss_sum += loss.detach().float()
+    strategy.finish_gradients()
+    scaler.unscale_(strategy.optimizer)
+    grad_norm = strategy.clip_grad_norm_(cfg.grad_clip or float("inf"))
+    scaler.step(strategy.optimizer)
+    scaler.update()
+    held = strategy.held_bytes()
+    strategy.optimizer.zero_grad(set_to_none=True)
+    # Every rank of a replica holds its loss (the last stage broadcasts it), so the world mean is the DP mean.
+    result = {"loss": all_reduce_mean(loss_sum.item()), "grad_norm": grad_norm.item()}
+    if held is not None:
+        result.update(per_rank_fields(gather_per_rank(held, strategy.info.world_size, device)))
+    return result
