@@ -1,3 +1,20 @@
-"""labs_lib: the helper library behind the Model Parallelism workshop notebooks."""
+"""labs_lib: the helper library behind the Model Parallelism workshop notebooks.
+
+Layers, lowest first; each imports only from its own layer and the ones below (tests/test_layers.py checks it):
+
+    core        settings and run profiles, paths, process groups, checkpoints, run folders, tables
+    models      the single-device GPT (and its Hugging Face format), the ViT: untouched by parallelism
+    data        the text corpus and tokenizer, the digits images
+    parallel    hand-written parallelism applied from outside: DP, ZeRO, TP, PP, 3D, recompute
+    measure     what a run measures: traces, FLOPs and MFU, memory held, steady-state throughput
+    estimates   the analytic formulas the measurements are held to: memory, TP / PP, DeepSpeed's allocation
+    train       the one training loop, the step strategies and the job modules (GPT, DeepSpeed GPT and ViT,
+                pipeline timelines)
+    inference   text generation from a trained checkpoint
+    jobs        child processes, Slurm, and the one launcher every lab's job goes through
+    labs        per notebook: what it runs and reads back (lab00 ... lab06), exercise checks, plots
+
+Where a lab's experiment lives: labs_lib/labs/labNN.py (its docstring names the engine code it runs).
+"""
 
 __version__ = "0.1.0"

@@ -14,9 +14,9 @@ os.environ.setdefault("LABS_BUILD_DIR", str(REPO / "build"))
 
 
 def train_cmd(out: Path, nproc: int = 1, profile: str = "ci", **settings) -> list[str]:
-    from labs_lib.launch import train_args
+    from labs_lib.jobs.launch import settings_args
 
-    args = train_args(out, profile, settings.pop("resume", False), **settings)
+    args = ["--out", str(out), "--no-progress", *settings_args(profile, settings.pop("resume", False), **settings)]
     if nproc == 1:
         return [sys.executable, "-m", "labs_lib.train", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -24,7 +24,7 @@ def train_cmd(out: Path, nproc: int = 1, profile: str = "ci", **settings) -> lis
 
 
 def run_train(out: Path, nproc: int = 1, env: dict | None = None, check: bool = True, **settings):
-    """Run labs_lib.train to completion in a child process; returns the CompletedProcess."""
+    """Run labs_lib.train.gpt to completion in a child process; returns the CompletedProcess."""
     result = subprocess.run(train_cmd(out, nproc, **settings), capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, **(env or {})))
     if check and result.returncode != 0:
@@ -36,8 +36,8 @@ def run_train(out: Path, nproc: int = 1, env: dict | None = None, check: bool = 
 @pytest.fixture(scope="session")
 def ci_data():
     """The ci profile's corpus and tokenizer, prepared once per session (cached under build/cache)."""
-    from labs_lib.config import get_profile
-    from labs_lib.data import prepare_data
+    from labs_lib.core.config import get_profile
+    from labs_lib.data.text import prepare_data
 
     cfg = get_profile("ci").train
     return prepare_data(cfg.data, cfg.tokenizer_vocab, cfg.corpus_max_bytes, cfg.val_fraction, progress=False)

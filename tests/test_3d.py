@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 from multiproc import run_ranks
 
-from labs_lib import checkpoint
-from labs_lib.config import ParallelConfig
-from labs_lib.launch import check_training_config, train_args
+from labs_lib.core import checkpoint
+from labs_lib.core.config import ParallelConfig
+from labs_lib.core.runs import read_metrics
+from labs_lib.jobs.launch import check, settings_args
 from labs_lib.parallel.mesh import build_mesh
-from labs_lib.train import read_metrics
 
 from conftest import run_train
 
@@ -99,7 +99,7 @@ def test_3d_run_resumes(tmp_path, ci_data):
 ])
 def test_bad_layout_fails_before_spawning(tmp_path, settings, world, match):
     with pytest.raises(ValueError, match=match):
-        check_training_config(train_args(tmp_path / "run", "ci", **(dict(n_layer=4, n_head=4) | settings)), world)
+        check("labs_lib.train", settings_args("ci", **(dict(n_layer=4, n_head=4) | settings)), tmp_path / "run", world)
 
 
 def test_cli_rejects_a_bad_layout_at_once(tmp_path):

@@ -1,6 +1,6 @@
 import pytest
 
-from labs_lib.checks import check
+from labs_lib.labs.checks import check
 
 
 def test_check(capsys):
@@ -16,7 +16,7 @@ def test_check(capsys):
 def test_simulate_ranks_all_reduce_sums_over_ranks():
     import torch
 
-    from labs_lib.checks import simulate_ranks
+    from labs_lib.labs.checks import simulate_ranks
 
     x = torch.arange(12.0).view(3, 4)
     outs = simulate_ranks(lambda rank, all_reduce: all_reduce(x.chunk(2, dim=1)[rank].sum(1)) * 1, 2)
@@ -29,7 +29,7 @@ def test_simulate_ranks_all_reduce_sums_over_ranks():
 def test_simulate_ranks_reports_errors_and_mismatched_collectives():
     import torch
 
-    from labs_lib.checks import simulate_ranks
+    from labs_lib.labs.checks import simulate_ranks
 
     def fails_on_rank_1(rank, all_reduce):
         if rank == 1:

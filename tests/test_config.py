@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from labs_lib.config import GPTConfig, ParallelConfig, TrainConfig, get_profile, override, validate
+from labs_lib.core.config import GPTConfig, ParallelConfig, TrainConfig, get_profile, override, validate
 
 
 def test_profiles_and_env(monkeypatch):
@@ -63,8 +63,9 @@ def test_bad_config_fails_before_training(tmp_path):
 
 
 def test_launcher_rejects_bad_config_before_spawning(tmp_path):
-    from labs_lib.launch import torchrun
+    from labs_lib.jobs.launch import train_gpt
 
     with pytest.raises(ValueError, match="lower warmup_steps"):
-        torchrun(tmp_path / "run", nproc=2, profile="ci", max_steps=3, warmup_steps=10, progress=False)
+        train_gpt(tmp_path / "run", nodes=1, nproc_per_node=2, profile="ci", max_steps=3, warmup_steps=10,
+                  progress=False)
     assert not (tmp_path / "run").exists()

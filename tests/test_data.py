@@ -1,4 +1,4 @@
-"""labs_lib.data: corpus, tokenizer, cache, and the rank-sharded, resumable batch stream."""
+"""labs_lib.data.text: corpus, tokenizer, cache, and the rank-sharded, resumable batch stream."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from labs_lib.data import (
+from labs_lib.data.text import (
     DataInfo,
     TokenBatches,
     corpus_files,
@@ -93,7 +93,7 @@ def test_second_prepare_reuses_the_cache(tmp_path):
 
 def test_concurrent_prepare_trains_once(tmp_path):
     script = textwrap.dedent(f"""
-        from labs_lib.data import prepare_data
+        from labs_lib.data.text import prepare_data
         info = prepare_data(None, 300, 40_000, cache_dir={str(tmp_path)!r}, progress=True)
         print("DIR", info.dir)
     """)
@@ -106,7 +106,8 @@ def test_concurrent_prepare_trains_once(tmp_path):
 
 
 def test_a_killed_preparation_leaves_no_half_cache(tmp_path):
-    script = f"from labs_lib.data import prepare_data; prepare_data(None, 1024, 2_000_000, cache_dir={str(tmp_path)!r})"
+    script = ("from labs_lib.data.text import prepare_data; "
+              f"prepare_data(None, 1024, 2_000_000, cache_dir={str(tmp_path)!r})")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert "preparing data" in proc.stdout.readline()  # now training the tokenizer
     proc.kill()

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from multiproc import run_ranks
 
-from labs_lib.model import GPT, GPTConfig
+from labs_lib.models.gpt import GPT, GPTConfig
 from labs_lib.parallel.data_parallel import DataParallel
 
 pytestmark = pytest.mark.slow

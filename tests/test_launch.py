@@ -1,11 +1,11 @@
-"""labs_lib.launch.run_child: the one way the notebooks run a job as a child process."""
+"""labs_lib.jobs: run_child (a job as a child process) and launch (the one launcher every lab's job goes through)."""
 
 import sys
 import time
 
 import pytest
 
-from labs_lib.launch import LaunchError, run_child
+from labs_lib.jobs.process import LaunchError, run_child
 
 
 def test_a_failing_job_raises_with_its_exit_code_and_log_tail(tmp_path):
@@ -43,7 +43,7 @@ def test_a_failed_jobs_error_names_the_first_error_above_the_tail(tmp_path):
 def test_exit_process_flushes_what_the_rank_wrote(tmp_path):
     """A rank leaves with exit_process (no interpreter teardown): its unflushed output and log records still land."""
     log_file = tmp_path / "rank.log"
-    script = ("import logging, sys; from labs_lib.dist import exit_process; "
+    script = ("import logging, sys; from labs_lib.core.dist import exit_process; "
               f"logging.basicConfig(filename={str(log_file)!r}, level=logging.INFO); logging.info('saved step 5'); "
               "sys.stdout.write('no newline, not flushed'); sys.stderr.write('to stderr'); exit_process(); "
               "print('never reached')")
@@ -51,3 +51,39 @@ def test_exit_process_flushes_what_the_rank_wrote(tmp_path):
     out = (tmp_path / "job.log").read_text().split("\n", 1)[1]  # after the echoed command
     assert "no newline, not flushed" in out and "to stderr" in out and "never reached" not in out
     assert "saved step 5" in log_file.read_text()
+
+
+def test_launch_runs_a_job_module_and_reads_back_its_files(tmp_path, monkeypatch, capsys):
+    """Without Slurm (LABS_LAUNCHER=torchrun) the same job runs on this machine, after a notice saying so."""
+    from labs_lib.core.runs import read_json
+    from labs_lib.jobs.launch import launch
+
+    monkeypatch.setenv("LABS_LAUNCHER", "torchrun")
+    (tmp_path / "ar").mkdir()
+    (tmp_path / "ar" / "stale.json").write_text("{}")
+    launch("labs_lib.core.dist", [], tmp_path / "ar", nodes=1, nproc_per_node=2, progress=False, timeout_s=120)
+    result = read_json(tmp_path / "ar" / "allreduce.json")
+    assert result["ok"] and result["world_size"] == 2 and result["sum"] == 3.0 and len(result["ranks"]) == 2
+    assert not (tmp_path / "ar" / "stale.json").exists(), "a new run starts in an empty folder"
+    assert "torchrun" in capsys.readouterr().out and (tmp_path / "ar" / "job.log").exists()
+
+
+def test_launch_refuses_a_bad_configuration_before_anything_starts(tmp_path):
+    from labs_lib.jobs.launch import launch
+
+    with pytest.raises(ValueError, match="--backend nccl needs CUDA"):
+        launch("labs_lib.core.dist", ["--backend", "nccl"], tmp_path / "bad", nodes=1, nproc_per_node=2)
+    with pytest.raises(ValueError, match="bad arguments"):
+        launch("labs_lib.train.gpt", ["--no-such-flag"], tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_launch_of_a_failing_job_raises_with_the_first_error(tmp_path, monkeypatch):
+    from labs_lib.jobs.launch import train_gpt
+
+    monkeypatch.setenv("LABS_LAUNCHER", "torchrun")
+    monkeypatch.setenv("LABS_FAULT_KILL_AFTER_STEP", "1")  # a real SIGKILL of the rank after its first step
+    with pytest.raises(LaunchError) as failure:
+        train_gpt(tmp_path / "run", nodes=1, nproc_per_node=1, profile="ci", max_steps=3, warmup_steps=1,
+                  eval_interval=0, progress=False)
+    assert failure.value.returncode != 0 and "job.log" in str(failure.value)

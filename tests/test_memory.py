@@ -1,5 +1,5 @@
-"""Memory saving (labs_lib.memory): activation checkpointing changes what is kept, not what is computed; ZeRO by hand
-through the real CLI under torchrun logs the losses of DDP and holds the bytes the ZeRO formulas predict."""
+"""Memory saving: activation checkpointing (labs_lib.parallel.recompute) changes what is kept, not what is computed;
+ZeRO by hand through the real CLI under torchrun logs the losses of DDP and holds the bytes the ZeRO formulas predict."""
 
 import json
 import os
@@ -9,14 +9,14 @@ import sys
 import pytest
 import torch
 
-from labs_lib import checkpoint
-from labs_lib.config import GPTConfig, TrainConfig, get_profile, validate
-from labs_lib.launch import check_training_config
-from labs_lib.memory import CHECKPOINT_MODES, activation_bytes_formula, apply_activation_checkpointing
-from labs_lib.model import GPT
-from labs_lib.parallel.zero import zero_bytes_per_rank
-from labs_lib.profiling import ActivationMeter
-from labs_lib.train import read_metrics
+from labs_lib.core import checkpoint
+from labs_lib.core.config import GPTConfig, TrainConfig, get_profile, validate
+from labs_lib.core.runs import read_metrics
+from labs_lib.estimates.memory import activation_bytes_formula, zero_bytes_per_rank
+from labs_lib.train.cli import check_args
+from labs_lib.measure.memory import ActivationMeter
+from labs_lib.models.gpt import GPT
+from labs_lib.parallel.recompute import CHECKPOINT_MODES, apply_activation_checkpointing
 
 from conftest import run_train, train_cmd
 
@@ -84,14 +84,14 @@ def test_checkpointing_errors():
 def test_zero_with_tensor_or_pipeline_parallelism_fails_before_spawning():
     args = ["--out", "x", "--profile", "ci", "--zero-stage", "2"]
     with pytest.raises(ValueError, match="drop --tp/--pp, or use --zero-stage 0"):
-        check_training_config(args + ["--tp", "2"], 2)
+        check_args(args + ["--tp", "2"], 2)
     with pytest.raises(ValueError, match="drop --tp/--pp, or use --zero-stage 0"):
-        check_training_config(args + ["--pp", "2"], 2)
+        check_args(args + ["--pp", "2"], 2)
     with pytest.raises(ValueError, match="launch 2 or more"):
-        check_training_config(args, 1)
+        check_args(args, 1)
     with pytest.raises(ValueError, match="use --dtype bf16"):
-        check_training_config(args + ["--dtype", "fp16"], 2)
-    check_training_config(args, 2)  # fine on 2 data-parallel ranks
+        check_args(args + ["--dtype", "fp16"], 2)
+    check_args(args, 2)  # fine on 2 data-parallel ranks
     result = subprocess.run([sys.executable, "-m", "labs_lib.train", *args, "--tp", "2"], capture_output=True,
                             text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
     assert result.returncode != 0 and "invalid configuration" in result.stderr and "--zero-stage 0" in result.stderr

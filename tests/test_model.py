@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from labs_lib.model import GPT, GPTConfig, export_hf, import_hf, mfu
+from labs_lib.measure.flops import mfu
+from labs_lib.models.gpt import GPT, GPTConfig
+from labs_lib.models.hf import export_hf, import_hf
 
 SMALL = GPTConfig(vocab_size=96, block_size=16, n_layer=2, n_head=2, n_embd=32)
 

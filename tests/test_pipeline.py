@@ -16,17 +16,10 @@ import torch
 import torch.nn as nn
 from multiproc import run_ranks
 
-from labs_lib.config import GPTConfig
-from labs_lib.model import GPT
-from labs_lib.parallel.pipeline import (
-    GPipe,
-    OneFOneB,
-    bubble_fraction,
-    check_pipeline,
-    gpt_loss,
-    make_schedule,
-    partition_gpt,
-)
+from labs_lib.core.config import GPTConfig
+from labs_lib.estimates.parallel import bubble_fraction
+from labs_lib.models.gpt import GPT
+from labs_lib.parallel.pipeline import GPipe, OneFOneB, check_pipeline, gpt_loss, make_schedule, partition_gpt
 
 pytestmark = pytest.mark.slow
 

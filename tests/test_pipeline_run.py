@@ -1,7 +1,9 @@
-"""The pipeline job (labs_lib.parallel.pipeline_run) as lab 05 drives it: torchrun ranks writing per-rank files.
+"""The pipeline job (labs_lib.train.pipeline_job) as lab 05 drives it (labs_lib.labs.lab05, through the launcher):
+ranks writing per-rank files and rank 0 writing metrics.jsonl.
 
 * 1F1B and interleaved 1F1B on 2 ranks give the losses of the same steps on one process (reference mode);
 * every rank's file holds its layout, a timeline of each step, the idle fraction and the activation peaks;
+* metrics.jsonl holds one record per step (the progress bar's), with those per-step fields;
 * torch.distributed.pipelining's 1F1B over the same stages (impl="torch") does too;
 * a bad layout raises ``ValueError`` naming the fix before any process starts.
 """
@@ -11,9 +13,10 @@ import subprocess
 import matplotlib.pyplot as plt
 import pytest
 
-from labs_lib import plots
-from labs_lib.parallel import pipeline_run
-from labs_lib.parallel.pipeline_run import measured_bubble, order, read_results, run, run_reference
+from labs_lib.core.runs import read_metrics
+from labs_lib.labs import plots
+from labs_lib.labs.lab05 import measured_bubble, order, read_results, run, run_reference
+from labs_lib.train.pipeline_job import check_args
 
 STEPS, N_LAYER = 3, 4
 
@@ -48,6 +51,13 @@ def test_pipeline_job_matches_one_process(tmp_path, reference, schedule, m, v):
         assert order(results[1]) == [f"{k}{i}" for i in range(m) for k in "FB"]
     assert 0 <= measured_bubble(results) < 1
     assert read_results(tmp_path / "pp") == results
+    records = read_metrics(tmp_path / "pp")  # rank 0's steps
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in records] == results[0]["losses"]
+    for record, step in zip(records, results[0]["per_step"]):
+        assert {"step_time_s", "tokens_per_s", "idle_fraction", "peak_in_flight", "peak_activation_bytes"} <= set(
+            record)
+        assert step == record | {"timeline": step["timeline"]}
 
     # The lab's figures draw from these results.
     axes = plots.plot_pipeline_timelines(results, results)
@@ -82,7 +92,17 @@ def test_bad_config_raises_before_spawning(tmp_path, monkeypatch, settings, fix)
         raise AssertionError("a process was started for a bad configuration")
 
     monkeypatch.setattr(subprocess, "Popen", no_process)
-    monkeypatch.setattr(pipeline_run, "_prepare_data", no_process)
     with pytest.raises(ValueError, match=fix):
         run(tmp_path / "bad", profile="ci", progress=False, **settings)
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("argv, world_size, fix", [
+    (["--pp", "2", "--micro-batches", "2"], 4, "--pp 2 needs one process per stage, not 4"),
+    (["--reference"], 2, "--reference runs on one process, not 2"),
+])
+def test_check_args_wants_one_process_per_stage(argv, world_size, fix):
+    with pytest.raises(ValueError, match=fix):
+        check_args(["--out", "unused", "--profile", "ci", *argv], world_size)
+    assert check_args(["--out", "unused", "--profile", "ci", "--steps", "5", *argv], 1 if "--reference" in argv
+                      else 2) == 5

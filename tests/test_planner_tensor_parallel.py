@@ -7,8 +7,9 @@ import pytest
 import torch
 from multiproc import run_ranks
 
-from labs_lib import planner, profiling
-from labs_lib.config import GPTConfig
+from labs_lib.core.config import GPTConfig
+from labs_lib.estimates import memory as planner
+from labs_lib.measure import trace as profiling
 
 CFG = GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
@@ -40,7 +41,7 @@ def test_comm_per_layer():
 
 
 def _held_by_rank(rank, world_size):
-    from labs_lib.model import GPT
+    from labs_lib.models.gpt import GPT
     from labs_lib.parallel.tensor_parallel import apply_tensor_parallel
 
     torch.manual_seed(0)

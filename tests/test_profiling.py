@@ -6,10 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from labs_lib.config import GPTConfig
-from labs_lib.model import GPT, MLP
-from labs_lib.profiling import ActivationMeter, mfu, peak_flops, step_breakdown, trace_files
-from labs_lib.train import read_metrics
+from labs_lib.core.config import GPTConfig
+from labs_lib.core.runs import read_metrics
+from labs_lib.measure.flops import mfu, peak_flops
+from labs_lib.measure.memory import ActivationMeter
+from labs_lib.measure.trace import step_breakdown, trace_files
+from labs_lib.models.gpt import GPT, MLP
 
 from conftest import run_train
 

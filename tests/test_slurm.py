@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from labs_lib import checkpoint, slurm
+from labs_lib.core import checkpoint
+from labs_lib.jobs import slurm
 
 pytestmark = pytest.mark.slurm
 
@@ -165,11 +166,6 @@ def test_state_from_accounting(cluster, tmp_path):
 # steps) that the cancel test's scancel, sent at the first checkpoint, lands well before the end.
 STEPS = 150
 TRAIN_ARGS = ("--max-steps", str(STEPS), "--checkpoint-interval", "10", "--eval-interval", "0")
-
-
-def read_metrics(out):
-    path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def losses(out):

@@ -20,8 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from multiproc import run_ranks
 
-from labs_lib.config import GPTConfig, ParallelConfig, validate
-from labs_lib.model import GPT
+from labs_lib.core.config import GPTConfig, ParallelConfig, validate
+from labs_lib.models.gpt import GPT
 from labs_lib.parallel.comms import (
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,
@@ -30,16 +30,14 @@ from labs_lib.parallel.comms import (
     reduce_scatter_to_sequence_parallel_region,
     scatter_to_tensor_parallel_region,
 )
+from labs_lib.parallel.rng import TP_RNG, get_rng_tracker, tensor_parallel_manual_seed
 from labs_lib.parallel.tensor_parallel import (
-    TP_RNG,
     ColumnParallelLinear,
     RowParallelLinear,
     apply_tensor_parallel,
     check_tensor_parallel,
     gather_full_state_dict,
-    get_rng_tracker,
     shard_tensor,
-    tensor_parallel_manual_seed,
     vocab_parallel_cross_entropy,
 )
 
@@ -292,6 +290,6 @@ def test_bad_configs_name_the_fix(changes, tp, seq_len, fix):
     config = GPTConfig(**{**CFG.to_dict(), **changes, "n_embd": 48})
     with pytest.raises(ValueError, match=fix):
         check_tensor_parallel(config, tp, seq_len=seq_len, sequence_parallel=seq_len is not None)
-    if seq_len is None:  # labs_lib.config.validate catches the same before any process is spawned
+    if seq_len is None:  # labs_lib.core.config.validate catches the same before any process is spawned
         with pytest.raises(ValueError, match="divisible by tp=4"):
             validate(config, parallel=ParallelConfig(tp=tp), world_size=tp)

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
-from labs_lib import checkpoint
-from labs_lib.config import TrainConfig
-from labs_lib.train import lr_at, read_metrics
+from labs_lib.core import checkpoint
+from labs_lib.core.config import TrainConfig
+from labs_lib.core.runs import read_metrics
+from labs_lib.train.optim import lr_at
 
 from conftest import run_train, train_cmd
 
@@ -47,8 +48,8 @@ def test_single_process_run(tmp_path, ci_data):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000040"
     assert (out / "tokenizer.json").exists() and json.loads((out / "config.json").read_text())["world_size"] == 1
 
-    sample = subprocess.run([sys.executable, "-m", "labs_lib.generate", "--checkpoint", str(out), "--prompt", "def ",
-                             "--max-new-tokens", "20"], capture_output=True, text=True, timeout=120, check=True)
+    sample = subprocess.run([sys.executable, "-m", "labs_lib.inference.generate", "--checkpoint", str(out),
+                             "--prompt", "def ", "--max-new-tokens", "20"], capture_output=True, text=True, timeout=120, check=True)
     assert "def " in sample.stdout and "step 40" in sample.stdout
 
 

@@ -1,23 +1,17 @@
-"""Lab 06: the ViT, the digits data, and DeepSpeed ZeRO-2 + bf16 training of it under torchrun."""
+"""Lab 06: the ViT, the digits data, and DeepSpeed ZeRO-2 + bf16 training of it as a 2-node job (Slurm or torchrun)."""
 
 import json
-import os
 
 import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from labs_lib import ds_vision_train as dvt
-from labs_lib import plots
-from labs_lib.vision import (
-    ShardedLoader,
-    ViT,
-    ViTConfig,
-    load_digits_split,
-    vit_flops_per_image,
-    vit_param_count,
-    vit_profile,
-)
+from labs_lib.data.digits import ShardedLoader, load_digits_split
+from labs_lib.jobs.launch import settings_args
+from labs_lib.labs import lab06, plots
+from labs_lib.measure.flops_report import flops_by_part, flops_profile_summary
+from labs_lib.models.vit import ViT, ViTConfig, vit_flops_per_image, vit_param_count, vit_profile
+from labs_lib.train.deepspeed import vit as dvt
 
 
 @pytest.mark.parametrize("patch", [1, 2, 4, 8])
@@ -81,24 +75,31 @@ def test_sharded_loader_splits_every_epoch_between_ranks():
         ShardedLoader(x, y, batch_size=64, world_size=2)
 
 
-def test_check_args_resolves_the_deepspeed_config():
-    s = dvt.check_args(["--out", "x", "--profile", "ci"], world_size=2)
+def test_check_args_counts_the_steps_and_resolves_the_deepspeed_config():
+    assert dvt.check_args(["--out", "x", "--profile", "ci"], world_size=2) == 1437 // (32 * 2) * 12
+    s = dvt.settings_from_args(dvt.build_parser().parse_args(["--out", "x", "--profile", "ci", "--lr", "1e-3"]))
     assert s["ds_config"]["zero_optimization"]["stage"] == 2 and s["ds_config"]["bf16"]["enabled"]
-    ds = dvt.resolve_ds_config(s["ds_config"], batch_size=32, lr=1e-3, total_steps=100, world_size=2,
-                               flops_profile_file="/tmp/f.txt")
+    ds = dvt.resolved_ds_config(dict(s, epochs=2), steps_per_epoch=50, world_size=2, flops_profile_file="/tmp/f.txt")
     assert ds["train_batch_size"] == 64 and ds["optimizer"]["params"]["lr"] == 1e-3
     assert ds["scheduler"]["params"]["total_num_steps"] == 100 and ds["scheduler"]["params"]["warmup_num_steps"] == 10
     assert ds["flops_profiler"]["enabled"] and ds["flops_profiler"]["output_file"] == "/tmp/f.txt"
-    s = dvt.check_args(["--out", "x", "--zero-stage", "3", "--no-bf16"], world_size=2)
+    s = dvt.settings_from_args(dvt.build_parser().parse_args(["--out", "x", "--zero-stage", "3", "--no-bf16"]))
     assert s["ds_config"]["zero_optimization"]["stage"] == 3 and not s["ds_config"]["bf16"]["enabled"]
-    assert dvt.train_args("o", epochs=3, bf16=False, flops_profile=True, lr=None) == [
-        "--out", "o", "--epochs", "3", "--no-bf16", "--flops-profile"]
+
+
+def test_notebook_settings_become_the_trainers_flags():
+    args = settings_args(epochs=3, bf16=False, flops_profile=True, lr=None)
+    assert args == ["--epochs", "3", "--no-bf16", "--flops-profile"]
+    parsed = dvt.build_parser().parse_args(["--out", "o", *args])
+    assert (parsed.epochs, parsed.bf16, parsed.flops_profile, parsed.lr) == (3, False, True, None)
+    assert not dvt.build_parser().parse_args(["--out", "o", *settings_args(flops_profile=False)]).flops_profile
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--patch-size", "3"], "divisor of 8"),
-    (["--batch-size", "1000"], "lower --batch-size"),
+    (["--batch-size", "1000"], "lower the batch size"),
     (["--epochs", "1", "--batch-size", "512", "--flops-profile"], "profile_step"),
+    (["--zero-stage", "5"], "bad arguments"),
 ])
 def test_bad_settings_fail_before_spawning(argv, message):
     with pytest.raises(ValueError, match=message):
@@ -106,19 +107,21 @@ def test_bad_settings_fail_before_spawning(argv, message):
 
 
 @pytest.mark.slow
-def test_zero2_bf16_on_two_ranks_learns_the_digits(tmp_path):
-    """The real CLI under torchrun (2 ranks, gloo): >= 90 % held-out accuracy, the flops profile, per-rank state."""
+def test_zero2_bf16_on_two_nodes_learns_the_digits(tmp_path):
+    """The notebook's run (lab06.train_vit: Slurm on 2 nodes x 1 rank, else torchrun with 2 ranks; gloo): >= 90 %
+    held-out accuracy, one record per epoch, the flops profile, what each rank holds."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "vit"
-    os.environ.setdefault("LABS_PROFILE", "ci")
-    metrics = dvt.torchrun(out, nproc=2, progress=False, profile="ci", zero_stage=2, bf16=True, flops_profile=True)
-    run = dvt.read_run(out)
+    metrics = lab06.train_vit(out, profile="ci", progress=False, zero_stage=2, bf16=True, flops_profile=True)
+    run = lab06.read_run(out)
     assert run["world_size"] == 2 and run["zero_stage"] == 2 and run["dtype"] == "bfloat16"
     assert [r["epoch"] for r in metrics] == list(range(1, run["epochs"] + 1))
+    assert [r["step"] for r in metrics] == [e * run["steps_per_epoch"] for e in range(1, run["epochs"] + 1)]
     assert metrics[-1]["test_accuracy"] >= 0.90, metrics[-1]
     assert metrics[-1]["loss"] < metrics[0]["loss"] and all(r["images_per_s"] > 0 for r in metrics)
+    assert metrics[0]["lr"] > metrics[-1]["lr"] > 0  # DeepSpeed's WarmupCosineLR, read back by the loop
 
-    preds = dvt.read_predictions(out)
+    preds = lab06.read_predictions(out)
     assert preds["index"] == list(range(360))
     accuracy = sum(p == y for p, y in zip(preds["prediction"], preds["label"])) / 360
     assert accuracy == pytest.approx(metrics[-1]["test_accuracy"])
@@ -133,7 +136,7 @@ def test_zero2_bf16_on_two_ranks_learns_the_digits(tmp_path):
     assert "DeepSpeed Flops Profiler" in report
     for module in ("patch_embed", "blocks", "attn", "qkv", "mlp", "head", "Conv2d", "LayerNorm"):
         assert module in report
-    summary = dvt.flops_profile_summary(out / "flops_profile.txt")
+    summary = flops_profile_summary(out / "flops_profile.txt")
     assert summary["batch_size"] == 32 and summary["params"] == pytest.approx(n, rel=1e-3)
     # 2 FLOPs per multiply-accumulate, one micro-batch of 32 images: our formula (the report rounds to 4 digits)
     assert 2 * summary["fwd_macs"] == pytest.approx(32 * run["flops_per_image_fwd"], rel=5e-3)
@@ -142,7 +145,7 @@ def test_zero2_bf16_on_two_ranks_learns_the_digits(tmp_path):
     assert modules["blocks.0.mlp.fc"]["macs"] == pytest.approx(32 * 5 * 64 * 256, rel=5e-3)
     assert {"patch_embed", "blocks.1.attn.qkv", "head"} <= set(modules)
     assert json.loads((out / "run.json").read_text())["deepspeed"]["flops_profiler"]["enabled"]
-    parts = dvt.flops_by_part(summary)
+    parts = flops_by_part(summary)
     assert sum(parts.values()) == pytest.approx(2 * summary["fwd_macs"], rel=2e-3)
     assert parts["MLP fc"] + parts["MLP proj"] > 0.6 * sum(parts.values())  # 16Td² of 24Td² + 4T²d
 

@@ -30,15 +30,10 @@ from test_data_parallel import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from labs_lib.estimates.memory import zero_bytes_per_rank
+from labs_lib.measure.memory import held_bytes
 from labs_lib.parallel.data_parallel import DataParallel
-from labs_lib.parallel.zero import (
-    FullyShardedModule,
-    ShardedOptimizer,
-    _AllReduceThenSlice,
-    held_bytes,
-    reduce_scatter,
-    zero_bytes_per_rank,
-)
+from labs_lib.parallel.zero import FullyShardedModule, ShardedOptimizer, _AllReduceThenSlice, reduce_scatter
 
 pytestmark = pytest.mark.slow
 

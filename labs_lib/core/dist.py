@@ -1,6 +1,7 @@
 """Process-group setup that works the same under torchrun, under Slurm, and as one plain process.
 
     python -m labs_lib.core.dist                                   # one process: prints the all-reduce check
+    python -m labs_lib.core.dist --out build/runs/ar               # ... and writes build/runs/ar/allreduce.json
     python -m labs_lib.core.dist --backend nccl                    # a group of one: the NCCL path on a one-GPU machine
     torchrun --nproc-per-node=2 -m labs_lib.core.dist              # 2 processes, gloo on CPU / NCCL on GPU
     srun --nodes=2 --ntasks-per-node=2 python -m labs_lib.core.dist   # Slurm tasks mapped to ranks
@@ -153,24 +154,58 @@ def all_reduce_mean(value: float | torch.Tensor) -> float:
     return t.item()
 
 
-def main() -> None:
-    """All-reduce check: every rank contributes rank+1; all must see world*(world+1)/2."""
+def build_parser():
     import argparse
+
+    p = argparse.ArgumentParser(prog="python -m labs_lib.core.dist",
+                                description="All-reduce check: every rank contributes rank+1; all must see "
+                                            "world*(world+1)/2.")
+    p.add_argument("--backend", choices=("nccl", "gloo"), help="force a backend (also for a single process)")
+    p.add_argument("--out", help="folder for allreduce.json: the sum, the expected sum and every rank's host")
+    p.add_argument("--no-progress", action="store_true", help="accepted like every job module's (no bar here)")
+    return p
+
+
+def check_args(argv: list[str], world_size: int) -> None:
+    """The pre-launch check (labs_lib.jobs.launch): the flags parse and a backend named is usable here."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        raise ValueError(f"bad arguments for python -m labs_lib.core.dist: {' '.join(argv)}") from e
+    if args.backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("--backend nccl needs CUDA GPUs: drop --backend (gloo on CPU)")
+    if world_size < 1:
+        raise ValueError(f"the all-reduce needs at least one rank, got {world_size}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    import json
     import socket
 
-    p = argparse.ArgumentParser(prog="python -m labs_lib.core.dist", description=main.__doc__)
-    p.add_argument("--backend", choices=("nccl", "gloo"), help="force a backend (also for a single process)")
-    info = init_distributed(p.parse_args().backend)
+    args = build_parser().parse_args(argv)
+    info = init_distributed(args.backend)
     t = torch.tensor([float(info.rank + 1)], device=info.device)
     if info.distributed:
         dist.all_reduce(t)
     expected = info.world_size * (info.world_size + 1) / 2
-    print_all(f"host={socket.gethostname()} node={os.environ.get('SLURMD_NODENAME', '-')} "
-              f"backend={info.backend} device={info.device} all_reduce(sum of rank+1)={t.item():g} "
-              f"expected={expected:g}")
-    ok = t.item() == expected
+    me = {"rank": info.rank, "host": socket.gethostname(), "node": os.environ.get("SLURMD_NODENAME", "-"),
+          "backend": info.backend, "device": str(info.device), "sum": t.item()}
+    print_all(f"host={me['host']} node={me['node']} backend={info.backend} device={info.device} "
+              f"all_reduce(sum of rank+1)={t.item():g} expected={expected:g}")
+    ranks = [None] * info.world_size
+    if info.distributed:
+        dist.all_gather_object(ranks, me)
+    else:
+        ranks = [me]
+    ok = all(r["sum"] == expected for r in ranks)
     if ok:
         print0(f"all-reduce OK across {info.world_size} process(es)")
+    if args.out and info.is_main:
+        from labs_lib.core.runs import write_json
+
+        os.makedirs(args.out, exist_ok=True)
+        write_json(os.path.join(args.out, "allreduce.json"),
+                   {"world_size": info.world_size, "sum": t.item(), "expected": expected, "ok": ok, "ranks": ranks})
     cleanup()
     if not ok:
         raise SystemExit("all-reduce gave the wrong sum")

@@ -3,7 +3,7 @@
 Multi-process code never runs in the Jupyter kernel (spawn re-imports ``__main__``, pytorch#20375). A notebook asks
 :func:`launch` to run a job module and reads back what the job wrote into its run folder::
 
-    launch("labs_lib.train", ["--profile", "ci", "--max-steps", "100"], "build/runs/demo", nodes=2, nproc_per_node=2)
+    launch("labs_lib.train.gpt", ["--max-steps", "100"], "build/runs/demo", nodes=2, nproc_per_node=2)
     train_gpt("build/runs/demo", nodes=2, nproc_per_node=2, max_steps=100)        # the same, settings as keywords
 
 1. **Check**: the job module's ``check_args(argv, world_size)`` parses and validates exactly what the ranks will
@@ -137,11 +137,11 @@ def _via_slurm(module, args, out, nodes, nproc_per_node, profile, progress, labe
 
 def train_gpt(out: str | Path, nodes: int = 2, nproc_per_node: int = 2, profile: str | None = None,
               resume: bool = False, progress: bool = True, **settings) -> list[dict]:
-    """Train the GPT (``python -m labs_lib.train``) on ``nodes`` x ``nproc_per_node`` ranks; returns its metrics.
+    """Train the GPT (``python -m labs_lib.train``, the job module labs_lib.train.gpt) on ``nodes`` x ``nproc_per_node`` ranks; returns its metrics.
 
     Settings are the trainer's flags as keywords (``max_steps=100``, ``tp=2``, ``zero_stage=3``, ...).
     ``resume=True`` continues from the checkpoint in ``out``; otherwise ``out`` starts empty."""
-    return launch("labs_lib.train", settings_args(profile, resume, **settings), out, nodes, nproc_per_node,
+    return launch("labs_lib.train.gpt", settings_args(profile, resume, **settings), out, nodes, nproc_per_node,
                   profile=profile, resume=resume, progress=progress, desc="train")
 
 

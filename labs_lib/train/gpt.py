@@ -44,14 +44,14 @@ import torch
 
 from labs_lib.core import checkpoint
 from labs_lib.core.config import GPTConfig, ParallelConfig, TrainConfig
-from labs_lib.core.dist import cleanup, init_distributed, print0
+from labs_lib.core.dist import cleanup, exit_process, init_distributed, print0
 from labs_lib.core.runs import truncate_metrics, write_json
 from labs_lib.data.text import TokenBatches, eval_batches, prepare_data
 from labs_lib.measure.trace import profile_steps
 from labs_lib.models.gpt import GPT
 from labs_lib.parallel.mesh import build_mesh, check_layout
 from labs_lib.parallel.rng import TP_RNG, get_rng_tracker, tensor_parallel_manual_seed
-from labs_lib.train.cli import build_parser, configs_from_args, device_type, world_size_from_env
+from labs_lib.train.cli import build_parser, check_args, configs_from_args, device_type, world_size_from_env
 from labs_lib.train.loop import Loop, run_loop
 from labs_lib.train.optim import lr_at
 from labs_lib.train.resume import check_resumable, save_checkpoint
@@ -138,3 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(f"invalid configuration: {e}") from None
     train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress, parallel=parallel)
+
+
+__all__ = ["train", "main", "check_args"]  # check_args: the job module's pre-launch check (labs_lib.jobs.launch)
+
+if __name__ == "__main__":
+    main()
+    exit_process()  # not the interpreter's teardown: leftover gloo threads can abort it

@@ -68,6 +68,7 @@ def resolve_ds_config(ds: dict, world_size: int, *, micro_batch: int, grad_accum
         ds["flops_profiler"] = {**PROFILER_DEFAULTS, **ds.get("flops_profiler", {}), "enabled": True,
                                 "output_file": flops_profile_file}
         _fill(ds["flops_profiler"], "profile_step", profile_step)
+        ds["flops_profiler"].setdefault("profile_step", 1)  # DeepSpeed's default
     require_filled({k: v for k, v in ds.items() if k != "train_batch_size"})  # stated next, from the others
     accumulation = ds.get("gradient_accumulation_steps", 1)
     ds["train_batch_size"] = ds["train_micro_batch_size_per_gpu"] * accumulation * world_size

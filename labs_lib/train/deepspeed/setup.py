@@ -1,6 +1,6 @@
 """Build DeepSpeed's CPU ops once, at setup time, so that no lab waits a minute for a compiler.
 
-    python -m labs_lib.train.deepspeed.setup          # what `make setup` runs; prints what it built, skips what is cached
+    python -m labs_lib.train.deepspeed.setup      # what `make setup` runs; prints what it built, skips what is cached
 
 DeepSpeed installs from its sdist without compiled ops and JIT-compiles each one (with ninja and the C++ compiler)
 the first time it is used, into ``$TORCH_EXTENSIONS_DIR/<op>/``. The labs use two:

@@ -1,0 +1,6 @@
+"""estimates: the analytic formulas that the measurements are held to (published ones, and DeepSpeed's own).
+
+memory.py      bytes per parameter, ZeRO stages, activations per layer (Korthikanti), the memory table of presets
+parallel.py    tensor parallelism's parameters and traffic per rank, the pipeline bubble
+deepspeed.py   what DeepSpeed 0.19.8 allocates per rank, derived from its code
+"""

@@ -1,0 +1,14 @@
+"""labs: one module per notebook, what it runs and reads back; the engine code it drives lives in the layers below.
+
+common.py   shared by every lab: the header cell, loss gaps between runs
+checks.py   the exercises' immediate checks
+plots.py    the figures the notebooks draw
+lab00.py    00 welcome: the 2-node all-reduce job (labs_lib.core.dist through labs_lib.jobs.launch)
+lab01.py    01 data-parallel GPT (labs_lib.train through jobs.launch.train_gpt)
+lab02.py    02 profiling (labs_lib.measure.trace on the trainer's --trace-steps traces)
+lab03.py    03 memory saving: ZeRO by hand and DeepSpeed held bytes vs labs_lib.estimates, recompute timing,
+            the gradient-accumulation check
+lab04.py    04 tensor parallelism: runs' logs, layouts and parameters held (labs_lib.parallel.tensor_parallel)
+lab05.py    05 pipeline parallelism: timeline jobs (labs_lib.train.pipeline_job on labs_lib.parallel.pipeline)
+lab06.py    06 DeepSpeed beyond NLP: the ViT job (labs_lib.train.deepspeed.vit) and its results
+"""
