@@ -69,3 +69,9 @@ def test_launcher_rejects_bad_config_before_spawning(tmp_path):
         train_gpt(tmp_path / "run", nodes=1, nproc_per_node=2, profile="ci", max_steps=3, warmup_steps=10,
                   progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_project_root_is_the_checkout():
+    from labs_lib.core.paths import PROJECT_ROOT
+
+    assert (PROJECT_ROOT / "pyproject.toml").exists() and (PROJECT_ROOT / "slurm" / "local" / "up.sh").exists()
