@@ -19,12 +19,12 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -r requirements.txt
 	$(BIN)/python -m pip install -q --no-deps -e .
-	$(BIN)/python -m labs_lib.deepspeed_setup  # JIT-build DeepSpeed's CPU ops once (~70 s), not in every job
+	$(BIN)/python -m labs_lib.train.deepspeed.setup  # JIT-build DeepSpeed's CPU ops once (~70 s), not in every job
 	touch $@
 
 lab: setup  ## JupyterLab on 127.0.0.1 with a token, opened at notebooks/ (and a Slurm cluster waiting)
 	@mkdir -p build/jupyter
-	@$(BIN)/python -m labs_lib.slurm up || echo "NOTICE: no Slurm cluster; the labs launch their jobs with torchrun"
+	@$(BIN)/python -m labs_lib.jobs.slurm up || echo "NOTICE: no Slurm cluster; the labs launch their jobs with torchrun"
 	@[ -f build/slurm/env.sh ] && [ -z "$${SLURM_CONF:-}" ] && . build/slurm/env.sh; \
 	token=$${JUPYTER_TOKEN:-$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))')}; \
 	echo "JupyterLab: http://127.0.0.1:$${JUPYTER_PORT:-8888}/lab?token=$$token"; \

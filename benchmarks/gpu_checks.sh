@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The checks we run on one GPU node and record in benchmarks/results/ (device named in each file):
-#   1. the NCCL path of labs_lib.dist (all-reduce check under torchrun),
+#   1. the NCCL path of labs_lib.core.dist (all-reduce check under torchrun),
 #   2. benchmarks/mfu.py: GPT-2 small bf16 training-step MFU, eager vs torch.compile, batch sweep,
 #   3. a short labs_lib.train run under the gpu profile (stdlib corpus, compile, bf16, fused AdamW).
 #
@@ -14,10 +14,10 @@ py=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$results/gpu.txt"
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$results/gpu.txt"
 
-echo "== 1. NCCL all-reduce (labs_lib.dist)"
+echo "== 1. NCCL all-reduce (labs_lib.core.dist)"
 # One process per GPU; on a one-GPU machine a group of one, forced onto NCCL (NCCL refuses two ranks on one GPU).
 gpus=$($py -c 'import torch; print(torch.cuda.device_count())')
-timeout 120 $py -m torch.distributed.run --standalone --nproc-per-node="$gpus" -m labs_lib.dist --backend nccl 2>&1 \
+timeout 120 $py -m torch.distributed.run --standalone --nproc-per-node="$gpus" -m labs_lib.core.dist --backend nccl 2>&1 \
     | tail -5 | tee "$results/dist.txt"
 
 echo "== 2. MFU of GPT-2 small, bf16"

@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_results  # noqa: E402
 
-from labs_lib.config import GPTConfig, get_profile  # noqa: E402
-from labs_lib.model import GPT, mfu  # noqa: E402
-from labs_lib.profiling import peak_flops  # noqa: E402
+from labs_lib.core.config import GPTConfig, get_profile  # noqa: E402
+from labs_lib.measure.flops import mfu, peak_flops  # noqa: E402
+from labs_lib.models.gpt import GPT  # noqa: E402
 
 
 def model_config(name: str) -> GPTConfig:

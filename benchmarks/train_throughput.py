@@ -24,8 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_info, save_results  # noqa: E402
 
-from labs_lib.config import get_profile  # noqa: E402
-from labs_lib.model import GPT, to_hf  # noqa: E402
+from labs_lib.core.config import get_profile  # noqa: E402
+from labs_lib.models.gpt import GPT  # noqa: E402
+from labs_lib.models.hf import to_hf  # noqa: E402
 
 
 def make_step(model, optimizer, x, y, autocast, is_hf: bool):

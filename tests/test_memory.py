@@ -1,5 +1,6 @@
 """Memory saving: activation checkpointing (labs_lib.parallel.recompute) changes what is kept, not what is computed;
-ZeRO by hand through the real CLI under torchrun logs the losses of DDP and holds the bytes the ZeRO formulas predict."""
+ZeRO by hand through the real CLI under torchrun logs the losses of DDP and holds the bytes the ZeRO formulas
+predict."""
 
 import json
 import os
@@ -13,10 +14,10 @@ from labs_lib.core import checkpoint
 from labs_lib.core.config import GPTConfig, TrainConfig, get_profile, validate
 from labs_lib.core.runs import read_metrics
 from labs_lib.estimates.memory import activation_bytes_formula, zero_bytes_per_rank
-from labs_lib.train.cli import check_args
 from labs_lib.measure.memory import ActivationMeter
 from labs_lib.models.gpt import GPT
 from labs_lib.parallel.recompute import CHECKPOINT_MODES, apply_activation_checkpointing
+from labs_lib.train.cli import check_args
 
 from conftest import run_train, train_cmd
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from labs_lib.core import checkpoint
+from labs_lib.core.runs import read_metrics
 from labs_lib.jobs import slurm
 
 pytestmark = pytest.mark.slurm

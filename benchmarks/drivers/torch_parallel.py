@@ -1,7 +1,9 @@
 """torch's own tensor and pipeline parallelism training the workshop GPT: the production side of
-benchmarks/parallel_scaling.py. Same command line and same metrics.jsonl as ``labs_lib.train``, so the benchmark
-launches it the same way (Slurm's train_gpt.sbatch with ``TRAIN_MODULE=benchmarks.drivers.torch_parallel``, or
-torchrun) and reads it with the same code:
+benchmarks/parallel_scaling.py. A job module like ``labs_lib.train`` (``--out``, ``--no-progress``,
+``check_args``; the loop of labs_lib.train.loop.run_loop, so the same metrics.jsonl: step, loss, lr, grad_norm,
+tokens_per_s, step_time_s, tokens, elapsed_s), so the benchmark launches it the same way (labs_lib.jobs.launch:
+Slurm's train_gpt.sbatch with ``TRAIN_MODULE=benchmarks.drivers.torch_parallel``, or torchrun; from the repo root,
+where the module is importable) and reads it with the same code:
 
     torchrun --standalone --nproc-per-node=4 -m benchmarks.drivers.torch_parallel --impl dtensor-tp \\
         --profile ci --out build/runs/bench_dtensor --n-layer 8 --n-head 8 --n-embd 128 --batch-size 16
@@ -12,27 +14,29 @@ torchrun) and reads it with the same code:
 splits (qkv by heads, fc by columns, the projections by rows, the embedding and tied lm_head by vocabulary) and
 ``loss_parallel`` on the vocab-sharded logits, as tests/test_tensor_parallel.py checks against ours.
 ``pipelining``: every rank is one stage of :func:`labs_lib.parallel.pipeline.partition_gpt`, driven by
-``torch.distributed.pipelining``'s Schedule1F1B / ScheduleGPipe (labs_lib.parallel.pipeline_run's wrapper).
-Both: every rank reads the same global batch, AdamW with the profile's settings, gradients clipped to the profile's
-global norm, constant learning rate. A step's time covers forward, backward, clipping and the optimizer step.
+``torch.distributed.pipelining``'s Schedule1F1B / ScheduleGPipe (labs_lib.train.pipeline_job.torch_schedule).
+Both: every rank reads the same global batch, AdamW with the profile's settings (labs_lib.train.optim), gradients
+clipped to the profile's global norm, constant learning rate. A step's time covers reading the batch, forward,
+backward, clipping and the optimizer step.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from labs_lib.config import GPTConfig, TrainConfig, get_profile, override, validate
-from labs_lib.data import TokenBatches, prepare_data
-from labs_lib.dist import all_reduce_mean, cleanup, init_distributed
-from labs_lib.model import GPT
+from labs_lib.core.config import GPTConfig, TrainConfig, get_profile, override, validate
+from labs_lib.core.dist import cleanup, init_distributed
+from labs_lib.data.text import TokenBatches, prepare_data
+from labs_lib.models.gpt import GPT
 from labs_lib.parallel.pipeline import check_pipeline
 from labs_lib.parallel.tensor_parallel import check_tensor_parallel, shard_tensor
+from labs_lib.train.cli import add_model_args, add_run_args, model_config_from_args, parse_job_args
+from labs_lib.train.loop import Loop, run_loop
+from labs_lib.train.optim import make_optimizer, param_groups
 
 IMPLS = ("dtensor-tp", "pipelining")
 
@@ -40,11 +44,10 @@ IMPLS = ("dtensor-tp", "pipelining")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.drivers.torch_parallel", description=__doc__.split("\n")[0])
     p.add_argument("--impl", choices=IMPLS, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--profile")
-    p.add_argument("--no-progress", action="store_true", help="accepted for labs_lib.train's command line; no bar")
-    for name in ("n-layer", "n-head", "n-embd", "block-size", "batch-size", "max-steps", "seed"):
-        p.add_argument(f"--{name}", type=int)
+    add_run_args(p, resume=False)
+    add_model_args(p)
+    for name in ("batch-size", "max-steps", "seed"):
+        p.add_argument(f"--{name}", type=int, help="override the profile's value")
     p.add_argument("--pp", type=int, default=1, help="pipelining: stages (= processes)")
     p.add_argument("--micro-batches", type=int, default=1, help="pipelining: micro-batches per step")
     p.add_argument("--pp-schedule", choices=("gpipe", "1f1b"), default="1f1b")
@@ -53,16 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configs_from_args(a: argparse.Namespace) -> tuple[GPTConfig, TrainConfig]:
     profile = get_profile(a.profile)
-    model_cfg = override(profile.model, n_layer=a.n_layer, n_head=a.n_head, n_embd=a.n_embd, block_size=a.block_size)
+    model_cfg = model_config_from_args(profile.model, a)
     train_cfg = override(profile.train, batch_size=a.batch_size, max_steps=a.max_steps, seed=a.seed)
     train_cfg = override(train_cfg, warmup_steps=min(train_cfg.warmup_steps, train_cfg.max_steps))  # lr is constant
     validate(model_cfg, train_cfg)
     return model_cfg, train_cfg
-
-
-def check_training_config(args: list[str], world_size: int):
-    """What slurm/train_gpt.sbatch calls before starting any node: ValueError naming the fix."""
-    return _check(build_parser().parse_args(args), world_size)
 
 
 def _check(a: argparse.Namespace, world_size: int) -> tuple[GPTConfig, TrainConfig]:
@@ -74,6 +72,12 @@ def _check(a: argparse.Namespace, world_size: int) -> tuple[GPTConfig, TrainConf
             raise ValueError(f"--pp {a.pp} but {world_size} processes: launch {a.pp} processes (one per stage)")
         check_pipeline(model_cfg.n_layer, a.pp, train_cfg.batch_size, a.micro_batches, a.pp_schedule)
     return model_cfg, train_cfg
+
+
+def check_args(argv: list[str], world_size: int) -> int:
+    """The pre-launch check (labs_lib.jobs.launch calls it): ValueError naming the fix; returns the steps logged."""
+    _, train_cfg = _check(parse_job_args(build_parser(), argv), world_size)
+    return train_cfg.max_steps
 
 
 def _dtensor_tp(model: GPT, world_size: int, device: torch.device):
@@ -100,25 +104,25 @@ def _dtensor_tp(model: GPT, world_size: int, device: torch.device):
         with loss_parallel():
             loss = model(x, y)[1]
             loss.backward()
-        return loss.detach().full_tensor()
+        return loss.detach().full_tensor().item()
 
-    return list(model.parameters()), step
+    return model, step
 
 
 def _pipelining(model: GPT, a: argparse.Namespace, rank: int, device: torch.device):
     from labs_lib.parallel.pipeline import partition_gpt
-    from labs_lib.parallel.pipeline_run import _torch_schedule  # the wrapper lab 05 and its tests use
+    from labs_lib.train.pipeline_job import torch_schedule  # the wrapper lab 05 and its tests use
 
     stage = partition_gpt(model, rank, a.pp)
-    step_fn = _torch_schedule([stage], a.pp_schedule, a.micro_batches, device)
     del model  # the other stages' layers go away
-    return list(stage.parameters()), lambda x, y: torch.tensor(step_fn(x, y))
+    return stage, torch_schedule([stage], a.pp_schedule, a.micro_batches, device)
 
 
-def _clip_global(params: list, max_norm: float, replicated_share: float) -> None:
-    """Clip to the global norm over all ranks' gradients: a rank's own (a stage's, a DTensor shard's) count once,
-    replicated ones (same on every rank) ``replicated_share`` each."""
-    square = torch.zeros(())
+def _clip_global(params: list, max_norm: float, replicated_share: float) -> float:
+    """Clip to the global norm over all ranks' gradients (``inf``: only measure it); returns that norm. A rank's own
+    gradients (a stage's, a DTensor shard's) count once, replicated ones (same on every rank) ``replicated_share``
+    each."""
+    square = torch.zeros((), device=params[0].device)
     grads = []
     for p in params:
         g = p.grad
@@ -129,10 +133,12 @@ def _clip_global(params: list, max_norm: float, replicated_share: float) -> None
         grads.append(g)
         square += g.float().pow(2).sum() * (1.0 if sharded else replicated_share)
     dist.all_reduce(square)
-    scale = max_norm / (square.sqrt() + 1e-6)
+    norm = square.sqrt()
+    scale = max_norm / (norm + 1e-6)
     if scale < 1:
         for g in grads:
             g.mul_(scale)
+    return norm.item()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,36 +154,29 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(train_cfg.seed)
     model = GPT(model_cfg).to(info.device)
     if a.impl == "dtensor-tp":
-        params, step = _dtensor_tp(model, info.world_size, info.device)
+        module, forward_backward = _dtensor_tp(model, info.world_size, info.device)
     else:
-        params, step = _pipelining(model, a, info.rank, info.device)
-    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2),
-                                  weight_decay=train_cfg.weight_decay)
-    tokens_per_step = train_cfg.batch_size * model_cfg.block_size
-    metrics = out / "metrics.jsonl"
-    t_start = time.perf_counter()
-    for n in range(1, train_cfg.max_steps + 1):
+        module, forward_backward = _pipelining(model, a, info.rank, info.device)
+    params = list(module.parameters())
+    optimizer = make_optimizer(param_groups(module, train_cfg.weight_decay), train_cfg)
+    replicated_share = 1 / info.world_size if a.impl == "dtensor-tp" else 1.0
+
+    def train_step(step: int) -> dict:
         x, y = (t.to(info.device) for t in next(batches))
-        t0 = time.perf_counter()
-        loss = step(x, y)
-        if train_cfg.grad_clip:
-            _clip_global(params, train_cfg.grad_clip, 1 / info.world_size if a.impl == "dtensor-tp" else 1.0)
+        loss = forward_backward(x, y)  # the same on every rank
+        grad_norm = _clip_global(params, train_cfg.grad_clip or float("inf"), replicated_share)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        step_time = time.perf_counter() - t0
-        record = {"step": n, "loss": all_reduce_mean(float(loss)), "tokens_per_s": tokens_per_step / step_time,
-                  "step_time_s": step_time, "tokens": n * tokens_per_step, "elapsed_s": time.perf_counter() - t_start,
-                  "impl": a.impl}
-        if info.is_main:
-            with open(metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
-    if info.is_main:
-        print(f"done: {a.impl} step {train_cfg.max_steps} loss {record['loss']:.4f} -> {out}")
+        return {"loss": loss, "grad_norm": grad_norm, "impl": a.impl}
+
+    loop = Loop(out=out, max_steps=train_cfg.max_steps, samples_per_step=train_cfg.batch_size * model_cfg.block_size,
+                is_main=info.is_main, progress=not a.no_progress, desc=a.impl, device=info.device)
+    run_loop(train_step, loop, optimizer=optimizer)
     cleanup()
 
 
 if __name__ == "__main__":
-    from labs_lib.dist import exit_process
+    from labs_lib.core.dist import exit_process
 
     main()
     exit_process()  # not the interpreter's teardown: leftover gloo threads can abort it

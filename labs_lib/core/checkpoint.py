@@ -143,9 +143,14 @@ def commit(tmp: Path, keep: int) -> Path:
     pointer.write_text(final.name + "\n")
     os.replace(pointer, ckpt_dir / "latest")
     _fsync_dir(ckpt_dir)
+    prune(ckpt_dir, keep)
+    return final
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """Drop all but the newest ``keep`` complete checkpoints (ours, or DeepSpeed's ``step_NNNNNN`` tag folders)."""
     for old in complete_checkpoints(ckpt_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:

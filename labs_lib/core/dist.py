@@ -179,7 +179,6 @@ def check_args(argv: list[str], world_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import json
     import socket
 
     args = build_parser().parse_args(argv)

@@ -137,7 +137,8 @@ def _via_slurm(module, args, out, nodes, nproc_per_node, profile, progress, labe
 
 def train_gpt(out: str | Path, nodes: int = 2, nproc_per_node: int = 2, profile: str | None = None,
               resume: bool = False, progress: bool = True, **settings) -> list[dict]:
-    """Train the GPT (``python -m labs_lib.train``, the job module labs_lib.train.gpt) on ``nodes`` x ``nproc_per_node`` ranks; returns its metrics.
+    """Train the GPT (``python -m labs_lib.train``: the job module labs_lib.train.gpt) on ``nodes`` x
+    ``nproc_per_node`` ranks; returns its metrics.
 
     Settings are the trainer's flags as keywords (``max_steps=100``, ``tp=2``, ``zero_stage=3``, ...).
     ``resume=True`` continues from the checkpoint in ``out``; otherwise ``out`` starts empty."""

@@ -22,8 +22,8 @@ same ``--tp``/``--pp``/``--pp-chunks``.
 Memory saving: ``--activation-checkpointing full|selective`` (labs_lib.parallel.recompute) recomputes each
 transformer block (or the cheap parts of it) in backward, on any layout. ``--zero-stage 1|2|3`` replaces DDP with
 ZeRO by hand (labs_lib.parallel.zero; data parallelism only): weights are gathered whole into the checkpoint, each
-rank saves its own optimizer shard, so resuming needs the same stage and number of ranks. On the data-parallel path every record
-has ``mem_rank<r>``: the bytes of parameters, gradients and optimizer state rank r holds after the step
+rank saves its own optimizer shard, so resuming needs the same stage and number of ranks. On the data-parallel path
+every record has ``mem_rank<r>``: the bytes of parameters, gradients and optimizer state rank r holds after the step
 (labs_lib.measure.memory.held_bytes; DDP's own gradient buckets are not counted). Outputs in ``--out``:
 
     metrics.jsonl   one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, ... (+ val_loss)

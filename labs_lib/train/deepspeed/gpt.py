@@ -173,8 +173,7 @@ def _save(engine, ckpt_dir: Path, step: int, batches: TokenBatches, keep: int, i
     engine.save_checkpoint(str(ckpt_dir), tag=tag)
     if is_main:
         write_json(ckpt_dir / tag / "meta.json", {"step": step, "data": batches.state_dict()})
-        for old in checkpoint.complete_checkpoints(ckpt_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        checkpoint.prune(ckpt_dir, keep)
 
 
 def train(model_cfg: GPTConfig, cfg: TrainConfig, ds_config: dict, out: str | Path, resume: bool = False,
