@@ -102,10 +102,10 @@ def launch(module: str, args: list[str], out: str | Path, nodes: int = 1, nproc_
 def _via_torchrun(module, args, out, world_size, profile, progress, label, total, timeout_s) -> list[dict]:
     runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}"] if world_size > 1 else []
     cmd = [sys.executable, *runner, "-m", module, "--out", str(out), "--no-progress", *args]
-    os.environ.setdefault("LABS_PROFILE", profile)  # what the job's processes read, as under Slurm
     bar = tqdm(total=total, desc=f"{label} x{world_size}", unit="step", disable=not progress)
     try:
-        run_child(cmd, out / LOG, lambda: show_steps(bar, read_metrics(out)), timeout_s, what=label)
+        run_child(cmd, out / LOG, lambda: show_steps(bar, read_metrics(out)), timeout_s, what=label,
+                  env={"LABS_PROFILE": profile})  # what the job's processes read, as under Slurm
     finally:
         bar.close()
     return read_metrics(out)

@@ -61,16 +61,18 @@ def show_steps(bar, records: list[dict]) -> None:
 
 
 def run_child(cmd: list[str], log: Path, on_poll=lambda: None, timeout_s: float | None = None,
-              what: str = "training") -> None:
+              what: str = "training", env: dict[str, str] | None = None) -> None:
     """Run ``cmd`` as a child process writing to ``log``, calling ``on_poll()`` as it runs (to move a progress bar).
 
-    A notebook interrupt, or running past ``timeout_s``, stops the child too; a failure raises :class:`LaunchError`
+    ``env``: variables added to this process's environment. A notebook interrupt, or running past ``timeout_s``,
+    stops the child too; a failure raises :class:`LaunchError`
     with the exit code and the log's tail."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with open(log, "w") as f:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                   env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"})
         try:
             while process.poll() is None:
                 if deadline is not None and time.monotonic() > deadline:
