@@ -99,7 +99,8 @@ def test_3d_run_resumes(tmp_path, ci_data):
 ])
 def test_bad_layout_fails_before_spawning(tmp_path, settings, world, match):
     with pytest.raises(ValueError, match=match):
-        check("labs_lib.train.gpt", settings_args("ci", **(dict(n_layer=4, n_head=4) | settings)), tmp_path / "run", world)
+        check("labs_lib.train.gpt", settings_args("ci", **(dict(n_layer=4, n_head=4) | settings)), tmp_path / "run",
+              world)
 
 
 def test_cli_rejects_a_bad_layout_at_once(tmp_path):

@@ -15,6 +15,7 @@ import torch
 from labs_lib.core import checkpoint
 from labs_lib.core.runs import read_metrics
 from labs_lib.jobs import slurm
+from labs_lib.jobs.process import failure_report, first_error
 
 pytestmark = pytest.mark.slurm
 
@@ -125,14 +126,14 @@ srun: error: node1: task 0: Exited with exit code 1"""
     ("epoch 1 loss 2.0\nepoch 2 loss 1.5\n", ""),
 ])
 def test_first_error_finds_the_cause(log, expected):
-    assert slurm.first_error(log) == expected
+    assert first_error(log) == expected
 
 
 def test_failure_report_adds_the_first_error_only_when_the_tail_lacks_it():
-    report = slurm.failure_report(ABORTED_RANK_LOG, n=3)
+    report = failure_report(ABORTED_RANK_LOG, n=3)
     assert report.startswith("--- first error in the log ---\n1: terminate called without an active exception\n")
     assert report.endswith("srun: error: node1: task 0: Exited with exit code 1")
-    assert "first error" not in slurm.failure_report(ABORTED_RANK_LOG, n=20)
+    assert "first error" not in failure_report(ABORTED_RANK_LOG, n=20)
 
 
 def test_env_and_args_reach_the_job(cluster, tmp_path):

@@ -48,8 +48,9 @@ class Parallel3D(nn.Module):
         if mesh.pp > 1:
             self.stages = nn.ModuleList(partition_gpt(model, mesh.pp_rank, mesh.pp, mesh.pp_group, chunk,
                                                       parallel.pp_chunks) for chunk in range(parallel.pp_chunks))
+            # measure=False: no step barriers, no activation metering; training reads only the loss.
             self.schedule = make_schedule(parallel.pp_schedule, list(self.stages), parallel.micro_batches,
-                                          loss_fn=self._scaled_loss)
+                                          loss_fn=self._scaled_loss, measure=False)
         else:
             self.stages = nn.ModuleList([model])
         self._grad_accum = 1
@@ -117,8 +118,9 @@ class Parallel3D(nn.Module):
         square_sum = torch.zeros((), dtype=torch.float32, device=next(self.parameters()).device)
         for g in grads:
             square_sum += g.float().pow(2).sum()
-        dist.all_reduce(square_sum, group=self.mesh.tp_group)
-        dist.all_reduce(square_sum, group=self.mesh.pp_group)
+        for size, group in ((self.mesh.tp, self.mesh.tp_group), (self.mesh.pp, self.mesh.pp_group)):
+            if size > 1:  # a group of one would still cost a collective call, every step
+                dist.all_reduce(square_sum, group=group)
         norm = square_sum.sqrt()
         if max_norm < math.inf:
             clip_coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)

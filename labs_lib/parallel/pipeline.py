@@ -34,6 +34,7 @@ afterwards (``scale_grads=True``).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from abc import ABC, abstractmethod
 from typing import NamedTuple
@@ -197,6 +198,11 @@ class PipelineSchedule(ABC):
         idle                the end of the step: waiting for the slowest stage (loss broadcast and a barrier)
     The step starts after a barrier, so every rank's step window is the same wall-clock span.
 
+    ``measure`` (default True, the lab's job): those two barriers, and :class:`ActivationMeter` around every
+    forward. Training (:class:`~labs_lib.parallel.parallel3d.Parallel3D`) passes False: the hooks cost Python on every
+    saved tensor and the barriers a round of messages, for numbers nobody reads; ``peak_activation_bytes`` stays 0
+    and a rank's step window starts when it enters the step. The timeline and ``peak_in_flight`` are always kept.
+
     ``compute_delay_s`` (tests and benchmarks only): sleep that long after every forward of a stage module and twice
     that after every backward, as if its compute took that much longer. On a small CPU the real compute of a tiny
     model is shorter than the noise of several processes sharing two cores; the delay makes balanced stages whose
@@ -204,19 +210,24 @@ class PipelineSchedule(ABC):
 
     Memory: ``peak_in_flight`` micro-batches (per chunk) whose activations were kept for backward at once, and
     ``peak_activation_bytes`` those activations' bytes (:class:`ActivationMeter` around each forward).
+
+    Every receive is posted one message ahead (the next micro-batch's, per chunk and direction, as soon as the
+    previous one arrived): gloo transmits a send only once the receiver has posted its receive, so a receive posted
+    at the moment it is needed would put a round trip between the two processes on the critical path.
     """
 
     name = ""
 
     def __init__(self, stages: GPTStage | list[GPTStage], micro_batches: int, loss_fn=gpt_loss,
-                 compute_delay_s: float = 0.0):
+                 compute_delay_s: float = 0.0, measure: bool = True):
         self.stages = [stages] if isinstance(stages, GPTStage) else list(stages)
         if [s.chunk for s in self.stages] != list(range(len(self.stages))):
             raise ValueError("pass one stage per model chunk of this rank, in chunk order (chunk=0, 1, …)")
         self.first = self.stages[0]  # every chunk shares the rank's place in the pipeline
         self.micro_batches, self.loss_fn, self.compute_delay_s = micro_batches, loss_fn, compute_delay_s
         self._check(batch_size=micro_batches)  # everything but the batch size, which step() checks
-        self.meter = ActivationMeter(nn.ModuleList(self.stages))
+        self.measure = measure
+        self.meter = ActivationMeter(nn.ModuleList(self.stages)) if measure else None
         self.timeline: list[Event] = []
         self.step_start = self.step_end = 0.0
         self.peak_in_flight = self.peak_activation_bytes = 0
@@ -245,9 +256,15 @@ class PipelineSchedule(ABC):
 
         distributed = self.first.pp_size > 1
         group = self.first.group
-        if distributed:
+        if distributed and self.measure:
             dist.barrier(group=group)
         self.step_start = time.perf_counter()
+        self._posted_recvs: dict[tuple[int, bool], tuple[int, dist.Work, torch.Tensor]] = {}
+        for stage in self.stages:  # every (chunk, direction) receives micro-batches 0, 1, … in that order
+            if not stage.is_first:
+                self._post_recv(stage, is_grad=False, micro_batch=0)
+            if not stage.is_last:
+                self._post_recv(stage, is_grad=True, micro_batch=0)
         self._run()
         if distributed:
             start = time.perf_counter()
@@ -259,7 +276,8 @@ class PipelineSchedule(ABC):
             self._record("send", None, start)
             start = time.perf_counter()
             dist.broadcast(self._loss, src=self.first.ranks[-1], group=group)
-            dist.barrier(group=group)
+            if self.measure:
+                dist.barrier(group=group)
             self._record("idle", None, start)
         self.step_end = time.perf_counter()
         return self._loss.item()
@@ -281,12 +299,23 @@ class PipelineSchedule(ABC):
         of ranks carries several chunks' activations and gradients, in both directions."""
         return (2 * receiver + is_grad) * self.micro_batches + micro_batch
 
-    def _recv(self, src: int, tag: int, micro_batch: int, requires_grad: bool) -> torch.Tensor:
-        start = time.perf_counter()
+    def _post_recv(self, stage: GPTStage, is_grad: bool, micro_batch: int) -> None:
+        src = stage.next_rank if is_grad else stage.prev_rank
         buffer = torch.empty(self._hidden_shape, dtype=self._dtype, device=self._loss.device)
-        dist.irecv(buffer, src, tag=tag).wait()
+        work = dist.irecv(buffer, src, tag=self._tag(stage.stage_index, is_grad, micro_batch))
+        self._posted_recvs[stage.chunk, is_grad] = micro_batch, work, buffer
+
+    def _recv(self, stage: GPTStage, is_grad: bool, micro_batch: int) -> torch.Tensor:
+        """Micro-batch ``micro_batch``'s activation (or, ``is_grad``, its output's gradient) for ``stage``; posts the
+        receive of the next one."""
+        start = time.perf_counter()
+        posted, work, buffer = self._posted_recvs.pop((stage.chunk, is_grad))
+        assert posted == micro_batch, f"schedule received micro-batch {micro_batch} before {posted}"
+        work.wait()
+        if micro_batch + 1 < self.micro_batches:
+            self._post_recv(stage, is_grad, micro_batch + 1)
         self._record("recv", micro_batch, start)
-        return buffer.requires_grad_(requires_grad)
+        return buffer.requires_grad_(not is_grad)
 
     def _send(self, tensor: torch.Tensor, dst: int, tag: int, micro_batch: int) -> None:
         # Sends never block the schedule: a rank only waits for what it receives, so no order of sends can deadlock.
@@ -298,19 +327,18 @@ class PipelineSchedule(ABC):
 
     def _forward(self, i: int, chunk: int = 0) -> None:
         stage = self.stages[chunk]
-        if stage.is_first:
-            x = self._tokens[i]
-        else:
-            x = self._recv(stage.prev_rank, self._tag(stage.stage_index, False, i), i, requires_grad=True)
+        x = self._tokens[i] if stage.is_first else self._recv(stage, is_grad=False, micro_batch=i)
         start = time.perf_counter()
-        with self.meter:
+        with self.meter or contextlib.nullcontext():
             y = stage(x)
             if stage.is_last:
                 y = self.loss_fn(y, self._targets[i]) / self.micro_batches
-        time.sleep(self.compute_delay_s)
+        if self.compute_delay_s:  # even sleep(0) would hand the core to another process
+            time.sleep(self.compute_delay_s)
         self._record("forward", i, start)
-        self._saved[chunk, i] = (x, y, self.meter.bytes)
-        self._live_bytes += self.meter.bytes
+        nbytes = self.meter.bytes if self.meter else 0
+        self._saved[chunk, i] = (x, y, nbytes)
+        self._live_bytes += nbytes
         self.peak_in_flight = max(self.peak_in_flight, len(self._saved))
         self.peak_activation_bytes = max(self.peak_activation_bytes, self._live_bytes)
         if stage.is_last:
@@ -320,14 +348,12 @@ class PipelineSchedule(ABC):
 
     def _backward(self, i: int, chunk: int = 0) -> None:
         stage = self.stages[chunk]
-        if stage.is_last:
-            grad_y = None
-        else:
-            grad_y = self._recv(stage.next_rank, self._tag(stage.stage_index, True, i), i, requires_grad=False)
+        grad_y = None if stage.is_last else self._recv(stage, is_grad=True, micro_batch=i)
         x, y, nbytes = self._saved.pop((chunk, i))
         start = time.perf_counter()
         torch.autograd.backward(y, grad_y)  # on the last stage y is the loss already scaled by 1/m
-        time.sleep(2 * self.compute_delay_s)  # backward costs about twice the forward
+        if self.compute_delay_s:
+            time.sleep(2 * self.compute_delay_s)  # backward costs about twice the forward
         self._record("backward", i, start)
         self._live_bytes -= nbytes
         if not stage.is_first:
