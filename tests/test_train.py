@@ -49,7 +49,8 @@ def test_single_process_run(tmp_path, ci_data):
     assert (out / "tokenizer.json").exists() and json.loads((out / "config.json").read_text())["world_size"] == 1
 
     sample = subprocess.run([sys.executable, "-m", "labs_lib.inference.generate", "--checkpoint", str(out),
-                             "--prompt", "def ", "--max-new-tokens", "20"], capture_output=True, text=True, timeout=120, check=True)
+                             "--prompt", "def ", "--max-new-tokens", "20"], capture_output=True, text=True,
+                            timeout=120, check=True)
     assert "def " in sample.stdout and "step 40" in sample.stdout
 
 
