@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_results  # noqa: E402
 
-from labs_lib.core.config import CHECKPOINT_MODES, get_profile  # noqa: E402
+from labs_lib.core.config import CHECKPOINT_MODES, ZERO_STAGES, get_profile  # noqa: E402
 from labs_lib.core.tables import format_table  # noqa: E402
 from labs_lib.estimates.deepspeed import deepspeed_bytes_per_rank  # noqa: E402
 from labs_lib.estimates.memory import (  # noqa: E402
@@ -61,6 +60,7 @@ from labs_lib.estimates.memory import (  # noqa: E402
 )
 from labs_lib.jobs.launch import launch  # noqa: E402
 from labs_lib.measure.memory import ActivationMeter  # noqa: E402
+from labs_lib.measure.throughput import checkpointing_step_seconds  # noqa: E402
 from labs_lib.models.gpt import GPT  # noqa: E402
 from labs_lib.parallel.recompute import apply_activation_checkpointing  # noqa: E402
 from labs_lib.train.optim import param_groups  # noqa: E402
@@ -79,9 +79,9 @@ def zero_rows(worlds: list[int], deepspeed: bool) -> list[dict]:
     model = GPT(get_profile("ci").model)
     n = model.num_params()
     groups = [[p.numel() for p in g["params"]] for g in param_groups(model, 0.1)]  # DeepSpeed's groups, in order
-    runs = [("by hand", s) for s in (0, 1, 2, 3)]
+    runs = [("by hand", s) for s in ZERO_STAGES]
     if deepspeed:
-        runs += [("deepspeed", s) for s in (0, 1, 2, 3)] + [("deepspeed offload", 2)]
+        runs += [("deepspeed", s) for s in ZERO_STAGES] + [("deepspeed offload", 2)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for world in worlds:
@@ -132,36 +132,14 @@ def activation_rows(profiles: list[str]) -> list[dict]:
     return rows
 
 
-def step_time(model, optimizer, x, steps: int) -> float:
-    """CPU seconds of this process per training step: on one thread, the compute itself, whatever else runs on the
-    machine (wall-clock time on a shared 2-core machine swings by 2x and more)."""
-    t0 = time.process_time()
-    for _ in range(steps):
-        model(x, x.roll(-1, 1))[1].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return (time.process_time() - t0) / steps
-
-
-def recompute_rows(profile: str, rounds: int, steps: int, threads: int = 1) -> list[dict]:
-    # One thread: on a shared 2-core machine, OpenMP threads waiting for a busy core make times jump 5-10x.
-    torch.set_num_threads(threads)
+def recompute_rows(profile: str, rounds: int, steps: int) -> list[dict]:
+    """Step time per activation-checkpointing mode: labs_lib.measure.throughput.checkpointing_step_seconds (this
+    process's CPU time on one thread: on a shared 2-core machine, OpenMP threads waiting for a busy core make wall
+    times jump 5-10x)."""
     cfg, batch = get_profile(profile).model, get_profile(profile).train.batch_size
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(0))
-    runs = {}
-    for mode in CHECKPOINT_MODES:
-        torch.manual_seed(0)
-        model = apply_activation_checkpointing(GPT(cfg), mode)
-        runs[mode] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4))
-        step_time(*runs[mode], x, 2)  # warm-up
-    times = {mode: [] for mode in runs}
-    for r in range(rounds):
-        for mode in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
-            times[mode].append(step_time(*runs[mode], x, steps))
-    base = statistics.median(times["none"])
-    return [{"profile": profile, "threads": threads, "checkpointing": mode,
-             "step CPU ms (median)": statistics.median(t) * 1e3,
-             "time ratio vs none": round(statistics.median(t) / base, 3)} for mode, t in times.items()]
+    seconds = checkpointing_step_seconds(cfg, batch, CHECKPOINT_MODES, rounds, steps)
+    return [{"profile": profile, "threads": 1, "checkpointing": mode, "step CPU ms (median)": s * 1e3,
+             "time ratio vs none": round(s / seconds["none"], 3)} for mode, s in seconds.items()]
 
 
 def main() -> None:
@@ -171,14 +149,13 @@ def main() -> None:
     p.add_argument("--profiles", nargs="+", default=["ci", "cpu"], help="model shapes for the activation rows")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads for the recompute timing")
     args = p.parse_args()
     t0 = time.perf_counter()
     print("ZeRO runs (labs_lib.jobs.launch: Slurm, else torchrun):", flush=True)
     zero = zero_rows(args.worlds, not args.skip_deepspeed)
     activations = activation_rows(args.profiles)
     print("recompute overhead (cpu profile):", flush=True)
-    recompute = recompute_rows("cpu", args.rounds, args.steps, args.threads)
+    recompute = recompute_rows("cpu", args.rounds, args.steps)
 
     print(format_table(zero, 4))  # every rank: DeepSpeed's ZeRO-1/2 gradients differ by rank
     print(format_table(activations, 4))

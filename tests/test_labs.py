@@ -11,6 +11,7 @@ from labs_lib.core import checkpoint
 from labs_lib.core.config import GPTConfig, get_profile
 from labs_lib.estimates.memory import param_count
 from labs_lib.labs import common, lab00, lab02, lab03, lab04
+from labs_lib.measure.throughput import checkpointing_step_seconds
 
 
 def records(losses: dict[int, float]) -> list[dict]:
@@ -83,10 +84,10 @@ def test_accumulation_check_tells_right_wrong_and_unwritten():
     assert lab03.accumulation_matches_big_batch(lambda *args: ...) is None
 
 
-def test_recompute_step_seconds_times_every_mode_and_restores_threads():
+def test_checkpointing_step_seconds_times_every_mode_and_restores_threads():
     cfg = GPTConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16)
     threads = torch.get_num_threads()
-    times = lab03.recompute_step_seconds(cfg, batch=2, rounds=2, steps=1)
+    times = checkpointing_step_seconds(cfg, batch=2, rounds=2, steps=1)
     assert list(times) == ["none", "selective", "full"]
     assert all(t > 0 for t in times.values())
     assert torch.get_num_threads() == threads

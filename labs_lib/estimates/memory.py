@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from labs_lib.core.config import CHECKPOINT_MODES, MODEL_PRESETS, GPTConfig
+from labs_lib.core.config import CHECKPOINT_MODES, MODEL_PRESETS, ZERO_STAGES, GPTConfig
 
 GB = 1e9
 
@@ -129,7 +129,7 @@ def zero_bytes_per_rank(num_params: int, world_size: int, stage: int, bytes_per_
     precision (16-bit weights and gradients, fp32 master weights, m and v). Stage 0 is plain data parallelism;
     stage 1 divides the optimizer state by N, stage 2 also the gradients, stage 3 also the weights.
     ``frozen_params`` add weights only (no gradient, no state)."""
-    if stage not in (0, 1, 2, 3):
+    if stage not in ZERO_STAGES:
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
     weight, grad, opt = bytes_per_param
     n = world_size

@@ -3,15 +3,12 @@
     held_rows(runs, world, formula_of, label)   measured bytes per rank and part next to a formula's, as table rows
     deepspeed_zero_runs(runs_dir, profile)      DeepSpeed ZeRO stages 0-3 on 1 node x 2 ranks
     deepspeed_offload_run(runs_dir, profile)    DeepSpeed ZeRO-2 with the optimizer offloaded to the CPU
-    recompute_step_seconds(cfg, batch)          seconds per training step under each activation-checkpointing mode
     accumulation_matches_big_batch(fn)          exercise 3: does the learner's gradient accumulation give the big
                                                 batch's gradients?
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -19,7 +16,6 @@ import torch
 from labs_lib.core.config import GPTConfig
 from labs_lib.jobs.launch import train_deepspeed
 from labs_lib.models.gpt import GPT
-from labs_lib.parallel.recompute import apply_activation_checkpointing
 
 PARTS = ("params", "grads", "optimizer")
 
@@ -51,50 +47,6 @@ def deepspeed_offload_run(runs_dir: str | Path, profile: str, **settings) -> lis
     2 ranks; returns the metrics records."""
     return train_deepspeed(Path(runs_dir) / "lab03_ds_offload", nodes=1, nproc_per_node=2,
                            ds_config="zero2_offload.json", profile=profile, **settings)
-
-
-def _trainer(cfg: GPTConfig, mode: str, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    torch.manual_seed(0)
-    model = apply_activation_checkpointing(GPT(cfg).to(device), mode)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-
-def _step_seconds(model, optimizer, x: torch.Tensor, clock, steps: int) -> float:
-    t0 = clock()
-    for _ in range(steps):
-        model(x, x.roll(-1, 1))[1].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if x.is_cuda:
-        torch.cuda.synchronize()
-    return (clock() - t0) / steps
-
-
-def recompute_step_seconds(cfg: GPTConfig, batch: int, modes: tuple[str, ...] = ("none", "selective", "full"),
-                           rounds: int = 5, steps: int = 3) -> dict[str, float]:
-    """Seconds per training step (forward, backward, AdamW) of the GPT ``cfg`` under each activation-checkpointing
-    mode, here in this process: {mode: median over ``rounds``}.
-
-    On a GPU: wall-clock time after a synchronize. On a CPU: this process's CPU time on one thread, so that other
-    programs on the machine do not count. The modes take turns, in alternating order, so that the machine's drift
-    hits all of them alike."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    clock = time.perf_counter if device == "cuda" else time.process_time
-    threads = torch.get_num_threads()
-    if device == "cpu":
-        torch.set_num_threads(1)
-    try:
-        x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(0))
-        x = x.to(device)
-        trainers = {mode: _trainer(cfg, mode, device) for mode in modes}
-        _step_seconds(*trainers[modes[0]], x, clock, steps=1)  # warm-up: allocations, first kernels
-        times = {mode: [] for mode in modes}
-        for r in range(rounds):
-            for mode in modes if r % 2 == 0 else modes[::-1]:
-                times[mode].append(_step_seconds(*trainers[mode], x, clock, steps))
-    finally:
-        torch.set_num_threads(threads)
-    return {mode: statistics.median(t) for mode, t in times.items()}
 
 
 def accumulation_matches_big_batch(fn, cfg: GPTConfig | None = None, batch: int = 8, micro_batches: int = 4,

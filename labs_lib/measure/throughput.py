@@ -2,6 +2,7 @@
 
     steady_median(records, "tokens_per_s")      # median over the steps after the warm-up
     training_throughput(cfg, batch_size=8)      # tokens/s of full training steps of a GPT shape, in this process
+    checkpointing_step_seconds(cfg, batch=8)    # seconds per step under each activation-checkpointing mode
 
 The warm-up rule (:func:`steady_records`): the first quarter of a run's steps (at least one, when there are two or
 more) pays for allocation, caches, compilation and the first collectives; the rest is the steady state.
@@ -16,7 +17,9 @@ import time
 
 import torch
 
+from labs_lib.core.config import GPTConfig
 from labs_lib.models.gpt import GPT
+from labs_lib.parallel.recompute import apply_activation_checkpointing
 
 WARMUP_FRACTION = 0.25
 
@@ -61,3 +64,47 @@ def training_throughput(cfg, batch_size: int, steps: int = 5, warmup: int = 2, d
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return batch_size * cfg.block_size / statistics.median(times)
+
+
+def _trainer(cfg: GPTConfig, mode: str, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = apply_activation_checkpointing(GPT(cfg).to(device), mode)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+
+def _step_seconds(model, optimizer, x: torch.Tensor, clock, steps: int) -> float:
+    t0 = clock()
+    for _ in range(steps):
+        model(x, x.roll(-1, 1))[1].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return (clock() - t0) / steps
+
+
+def checkpointing_step_seconds(cfg: GPTConfig, batch: int, modes: tuple[str, ...] = ("none", "selective", "full"),
+                           rounds: int = 5, steps: int = 3) -> dict[str, float]:
+    """Seconds per training step (forward, backward, AdamW) of the GPT ``cfg`` under each activation-checkpointing
+    mode (labs_lib.parallel.recompute), here in this process: {mode: median over ``rounds`` of ``steps`` steps}.
+
+    On a GPU: wall-clock time after a synchronize. On a CPU: this process's CPU time on one thread, so that other
+    programs on the machine do not count. The modes take turns, in alternating order, so that the machine's drift
+    hits all of them alike."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    clock = time.perf_counter if device == "cuda" else time.process_time
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(0))
+        x = x.to(device)
+        trainers = {mode: _trainer(cfg, mode, device) for mode in modes}
+        _step_seconds(*trainers[modes[0]], x, clock, steps=1)  # warm-up: allocations, first kernels
+        times = {mode: [] for mode in modes}
+        for r in range(rounds):
+            for mode in modes if r % 2 == 0 else modes[::-1]:
+                times[mode].append(_step_seconds(*trainers[mode], x, clock, steps))
+    finally:
+        torch.set_num_threads(threads)
+    return {mode: statistics.median(t) for mode, t in times.items()}
