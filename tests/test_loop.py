@@ -59,3 +59,17 @@ def test_a_failing_step_closes_the_profiler_and_keeps_what_was_written(tmp_path)
         run_loop(step, Loop(out=tmp_path, max_steps=5, samples_per_step=1, progress=False), profiler=prof)
     assert prof.entered and prof.exited
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_record_fields_are_built_after_the_step_is_timed(tmp_path):
+    """The collectives that only build a record (loss averaged over ranks, bytes gathered) are not the step's time."""
+    import time
+
+    def slow_fields(result):
+        time.sleep(0.2)
+        return {"loss": result}
+
+    records = run_loop(lambda step: 1.5, Loop(out=tmp_path, max_steps=2, samples_per_step=1, progress=False),
+                       record_fields=slow_fields)
+    assert [r["loss"] for r in records] == [1.5, 1.5]
+    assert all(r["step_time_s"] < 0.1 for r in records) and records[-1]["elapsed_s"] >= 0.4

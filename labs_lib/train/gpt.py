@@ -55,7 +55,7 @@ from labs_lib.train.cli import build_parser, check_args, configs_from_args, devi
 from labs_lib.train.loop import Loop, run_loop
 from labs_lib.train.optim import lr_at
 from labs_lib.train.resume import check_resumable, save_checkpoint
-from labs_lib.train.steps import evaluate, make_strategy, train_step
+from labs_lib.train.steps import evaluate, make_strategy, step_fields, train_step
 
 
 def _prepare_run(out: Path, model_cfg, cfg, parallel, info, progress: bool):
@@ -125,7 +125,7 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
                        evaluate=(lambda step: {"val_loss": evaluate(strategy.evaluated, val, cfg.dtype, info.device)})
                        if cfg.eval_interval else None,
                        save=lambda step: save_checkpoint(out, step, strategy, batches, meta, info, cfg),
-                       profiler=tracer)
+                       profiler=tracer, record_fields=lambda result: step_fields(result, info, info.device))
     cleanup()
     return records
 

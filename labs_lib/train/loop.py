@@ -60,15 +60,19 @@ def _due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def run_loop(train_step: Callable[[int], dict], loop: Loop, optimizer=None, lr_of: Callable[[int], float] | None = None,
-             evaluate: Callable[[int], dict] | None = None, save: Callable[[int], None] | None = None,
-             profiler=None) -> list[dict]:
+def run_loop(train_step: Callable[[int], object], loop: Loop, optimizer=None,
+             lr_of: Callable[[int], float] | None = None, evaluate: Callable[[int], dict] | None = None,
+             save: Callable[[int], None] | None = None, profiler=None,
+             record_fields: Callable[[object], dict] | None = None) -> list[dict]:
     """Run steps ``loop.start + 1 .. loop.max_steps``; returns the records written (see the module docstring).
 
     ``train_step(step)`` runs one optimizer step and returns at least ``{"loss": float}`` (the same on every rank),
-    optionally ``grad_norm`` and any other fields for the record. ``optimizer``: whose ``param_groups`` get
-    ``lr_of(step)`` before the step, and whose learning rate the record shows. ``profiler``: a context manager
-    whose value has ``.step()`` (labs_lib.measure.trace.profile_steps), called after every step."""
+    optionally ``grad_norm`` and any other fields for the record; or, with ``record_fields``, whatever
+    ``record_fields`` turns into those fields once the step's time is taken: the collectives that only build the
+    record (the loss averaged over the ranks, every rank's bytes gathered) are not the step's cost. ``optimizer``:
+    whose ``param_groups`` get ``lr_of(step)`` before the step, and whose learning rate the record shows.
+    ``profiler``: a context manager whose value has ``.step()`` (labs_lib.measure.trace.profile_steps), called after
+    every step."""
     records, window, t_start = [], [], time.perf_counter()
     bar = tqdm(total=loop.max_steps, initial=loop.start, desc=loop.desc, unit="step", mininterval=1.0,
                disable=not (loop.progress and loop.is_main))
@@ -81,7 +85,8 @@ def run_loop(train_step: Callable[[int], dict], loop: Loop, optimizer=None, lr_o
             result = train_step(step)
             if loop.device is not None and loop.device.type == "cuda":
                 torch.cuda.synchronize(loop.device)
-            window.append((result, time.perf_counter() - t0))
+            seconds = time.perf_counter() - t0
+            window.append((record_fields(result) if record_fields is not None else result, seconds))
             if prof is not None:
                 prof.step()
             if _due(step, loop.log_every, loop.max_steps):

@@ -1,7 +1,8 @@
 """One optimizer step of the GPT on each layout: the strategies behind ``python -m labs_lib.train``'s loop.
 
     strategy = make_strategy(model, cfg, parallel, info, mesh)   # DataParallelStep | ZeroStep | MeshStep
-    result = train_step(strategy, batches, cfg, device)          # {"loss", "grad_norm", "mem_rank<r>"...}
+    result = train_step(strategy, batches, cfg, device, scaler)  # the loss, grad norm and held bytes, on this rank
+    step_fields(result, info, device)                            # the record's {"loss", "grad_norm", "mem_rank<r>"}
 
 What differs between the layouts is each strategy's ``forward_backward`` (one micro-batch), ``finish_gradients``
 (the data-parallel reduction once the micro-batches are done), ``clip_grad_norm_`` and ``held_bytes``, and what a
@@ -196,10 +197,9 @@ def make_strategy(model, cfg: TrainConfig, parallel, info: DistInfo, mesh: Mesh 
     return ZeroStep(model, cfg, info) if cfg.zero_stage else DataParallelStep(model, cfg, info)
 
 
-def train_step(strategy, batches, cfg: TrainConfig, device: torch.device, scaler) -> dict:
+def train_step(strategy, batches, cfg: TrainConfig, device: torch.device, scaler) -> tuple:
     """One optimizer step: ``grad_accum`` micro-batches forward and backward, the gradients finished, clipped and
-    applied; returns the record's fields (the loss averaged over the ranks; ``mem_rank<r>``: each rank's held
-    bytes after the step, on the data-parallel layouts)."""
+    applied; returns this rank's (summed loss, gradient norm, held bytes or None) for :func:`step_fields`."""
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro-batch
     for micro in range(cfg.grad_accum):
         x, y = (t.to(device, non_blocking=True) for t in next(batches))
@@ -212,8 +212,16 @@ def train_step(strategy, batches, cfg: TrainConfig, device: torch.device, scaler
     scaler.update()
     held = strategy.held_bytes()
     strategy.optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, held
+
+
+def step_fields(result: tuple, info: DistInfo, device: torch.device) -> dict:
+    """A step's record fields from :func:`train_step`'s result: the loss averaged over the ranks, the gradient norm,
+    and ``mem_rank<r>`` (each rank's held bytes after the step, on the data-parallel layouts). Collectives: every
+    rank calls it."""
+    loss_sum, grad_norm, held = result
     # Every rank of a replica holds its loss (the last stage broadcasts it), so the world mean is the DP mean.
-    result = {"loss": all_reduce_mean(loss_sum.item()), "grad_norm": grad_norm.item()}
+    fields = {"loss": all_reduce_mean(loss_sum.item()), "grad_norm": grad_norm.item()}
     if held is not None:
-        result.update(per_rank_fields(gather_per_rank(held, strategy.info.world_size, device)))
-    return result
+        fields.update(per_rank_fields(gather_per_rank(held, info.world_size, device)))
+    return fields

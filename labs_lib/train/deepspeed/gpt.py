@@ -129,8 +129,8 @@ def _checkpoint_blocks(model: GPT) -> None:
         block.forward = functools.partial(deepspeed.checkpointing.checkpoint, block.forward)
 
 
-def _train_step(engine, stage: int, batches: TokenBatches, cfg: TrainConfig, info: DistInfo) -> dict:
-    """One optimizer step of ``grad_accum`` micro-batches; the record's loss, grad norm and ``mem_rank<r>``."""
+def _train_step(engine, stage: int, batches: TokenBatches, cfg: TrainConfig, info: DistInfo) -> tuple:
+    """One optimizer step of ``grad_accum`` micro-batches; this rank's (loss, grad norm, held bytes)."""
     grad_norm = None
     loss_sum = torch.zeros((), device=info.device)
     for micro in range(cfg.grad_accum):
@@ -149,6 +149,12 @@ def _train_step(engine, stage: int, batches: TokenBatches, cfg: TrainConfig, inf
     held.update(master=after["master"], optimizer=after["optimizer"])
     if stage > 0:
         grad_norm = engine.get_global_grad_norm()
+    return loss_sum, grad_norm, held
+
+
+def _step_fields(result: tuple, info: DistInfo) -> dict:
+    """The record's loss (averaged over the ranks), grad norm and ``mem_rank<r>``, once the step is timed."""
+    loss_sum, grad_norm, held = result
     return {"loss": all_reduce_mean(loss_sum.item()), "grad_norm": float(grad_norm) if grad_norm is not None else None,
             **per_rank_fields(gather_per_rank(held, info.world_size, info.device))}
 
@@ -217,7 +223,8 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, ds_config: dict, out: str | Pa
         optimizer=engine.optimizer, lr_of=lambda step: lr_at(step, cfg),  # our schedule, no DeepSpeed scheduler
         evaluate=(lambda step: {"val_loss": evaluate(engine, val, "fp32", info.device)}) if cfg.eval_interval
         else None,
-        save=lambda step: _save(engine, ckpt_dir, step, batches, cfg.keep_checkpoints, info.is_main))
+        save=lambda step: _save(engine, ckpt_dir, step, batches, cfg.keep_checkpoints, info.is_main),
+        record_fields=lambda result: _step_fields(result, info))
     cleanup()  # a barrier, then destroy the group: no rank exits while another still talks
     return records
 

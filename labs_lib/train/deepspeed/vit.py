@@ -128,7 +128,7 @@ def _profiler_off(engine) -> None:
         engine.optimizer.timers = NoopTimer()
 
 
-def _train_step(engine, batch, step: int, dtype: torch.dtype, device: torch.device, profile_step: int | None) -> dict:
+def _train_step(engine, batch, step: int, dtype: torch.dtype, device: torch.device, profile_step: int | None) -> tuple:
     x, y = batch
     loss = F.cross_entropy(engine(x.to(device, dtype)).float(), y.to(device))
     engine.backward(loss)  # ZeRO-2: gradients are reduce-scattered during backward
@@ -136,7 +136,7 @@ def _train_step(engine, batch, step: int, dtype: torch.dtype, device: torch.devi
     if profile_step is not None and step > profile_step:
         _profiler_off(engine)
     grad_norm = engine.get_global_grad_norm()
-    return {"loss": all_reduce_mean(loss.detach()), "grad_norm": None if grad_norm is None else float(grad_norm)}
+    return loss.detach(), None if grad_norm is None else float(grad_norm)
 
 
 @torch.no_grad()
@@ -221,7 +221,8 @@ def train(settings: dict, out: str | Path, progress: bool = True) -> list[dict]:
                 desc=f"vit zero-{zero_stage(ds)}", device=info.device)
     profile_step = profiler["profile_step"] if profiler.get("enabled") else None
     records = run_loop(lambda step: _train_step(engine, next(batches), step, dtype, info.device, profile_step),
-                       loop, optimizer=engine.optimizer, evaluate=evaluate)  # lr: DeepSpeed's scheduler's
+                       loop, optimizer=engine.optimizer, evaluate=evaluate,  # lr: DeepSpeed's scheduler's
+                       record_fields=lambda result: {"loss": all_reduce_mean(result[0]), "grad_norm": result[1]})
 
     rows = _gather_rows(last_eval["rows"], info)
     run["held_bytes"] = gather_per_rank(deepspeed_held_bytes(engine), info.world_size, info.device)
