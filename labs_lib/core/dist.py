@@ -46,10 +46,6 @@ class DistInfo:
 _info = DistInfo()
 
 
-def info() -> DistInfo:
-    return _info
-
-
 def _slurm_head_address() -> str:
     nodelist = os.environ["SLURM_JOB_NODELIST"]
     head = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
