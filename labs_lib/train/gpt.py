@@ -57,6 +57,8 @@ from labs_lib.train.optim import lr_at
 from labs_lib.train.resume import check_resumable, save_checkpoint
 from labs_lib.train.steps import evaluate, make_strategy, step_fields, train_step
 
+__all__ = ["train", "main", "check_args"]  # check_args: the job module's pre-launch check (labs_lib.jobs.launch)
+
 
 def _prepare_run(out: Path, model_cfg, cfg, parallel, info, progress: bool):
     """The corpus (tokenized once, cached) and the run folder's config.json and tokenizer.json."""
@@ -139,8 +141,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"invalid configuration: {e}") from None
     train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress, parallel=parallel)
 
-
-__all__ = ["train", "main", "check_args"]  # check_args: the job module's pre-launch check (labs_lib.jobs.launch)
 
 if __name__ == "__main__":
     main()
