@@ -5,4 +5,5 @@ flops.py          peak FLOP/s (data sheet or measured) and MFU
 memory.py         activations kept for backward, model-state bytes a rank holds (ours and DeepSpeed's), gathered
 throughput.py     steady-state throughput: the one warm-up rule, and in-process training throughput
 flops_report.py   DeepSpeed's flops profiler report, parsed
+bandwidth.py      all-reduce time, algbw and busbw against message size (nccl-tests' way): a job module
 """
