@@ -53,10 +53,11 @@ def tail(path: str | Path, n: int = 20) -> str:
 
 
 def show_steps(bar, records: list[dict]) -> None:
-    """Move a progress bar to the newest step of ``metrics.jsonl``'s records, with its loss."""
+    """Move a progress bar to the newest step of ``metrics.jsonl``'s records, with its loss (when it has one)."""
     if records:
         bar.n = records[-1]["step"]
-        bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
+        if "loss" in records[-1]:
+            bar.set_postfix(loss=f"{records[-1]['loss']:.3f}")
         bar.refresh()
 
 
