@@ -50,6 +50,10 @@ def reference(tmp_path_factory, ci_data):
     (1, 2, 2, {}),
     (2, 2, 2, {}),
     (1, 2, 1, dict(sequence_parallel=True)),
+    # TP + SP inside pipeline stages (Megatron's 3D layout): stages exchange (b, T/t, C) sequence shards.
+    (1, 2, 2, dict(sequence_parallel=True, pp_schedule="gpipe")),
+    (1, 2, 2, dict(sequence_parallel=True, micro_batches=4)),
+    (1, 2, 2, dict(sequence_parallel=True, pp_schedule="interleaved-1f1b", pp_chunks=2)),
     (1, 2, 2, dict(pp_schedule="gpipe", micro_batches=4)),
     (1, 1, 2, dict(pp_schedule="interleaved-1f1b", pp_chunks=2)),
 ], ids=lambda v: "-".join(f"{k}={w}" for k, w in v.items()) if isinstance(v, dict) else str(v))
@@ -93,7 +97,7 @@ def test_3d_run_resumes(tmp_path, ci_data):
     (dict(n_head=3, n_embd=48, tp=3), 3, "pad the vocabulary"),
     (dict(pp=2, micro_batches=3), 2, "divisors of the batch size"),
     (dict(tp=4, block_size=30, sequence_parallel=True), 4, "multiple of the tensor-parallel size"),
-    (dict(tp=2, pp=2, micro_batches=2, sequence_parallel=True), 4, "use --pp 1"),
+    (dict(tp=2, pp=2, micro_batches=2, block_size=31, sequence_parallel=True), 4, "multiple of the tensor-parallel"),
     (dict(micro_batches=2), 1, "--grad-accum"),
     (dict(pp=2, micro_batches=2, pp_schedule="interleaved-1f1b"), 2, "chunks >= 2"),
 ])

@@ -52,8 +52,6 @@ def check_layout(model: GPTConfig, train: TrainConfig, parallel: ParallelConfig,
              "pipeline, but pp=1: add --pp N, or split the batch with --grad-accum instead")
     need(not p.sequence_parallel or p.tp > 1, "sequence parallelism splits activations over the tensor-parallel "
                                               "ranks: add --tp N (N > 1) or drop --sequence-parallel")
-    need(not p.sequence_parallel or p.pp == 1, "sequence parallelism with pipeline stages is not supported: drop "
-                                               "--sequence-parallel or use --pp 1")
     if p.tp * p.pp > 1:
         need(not train.compile, "--compile is not supported with tensor or pipeline parallelism: use --no-compile")
         need(train.dtype != "fp16", "fp16 loss scaling is not supported with tensor or pipeline parallelism: use "

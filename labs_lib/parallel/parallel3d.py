@@ -7,8 +7,9 @@
     (average the gradients over mesh.dp_group)      # data parallelism, last
     model.clip_grad_norm_(1.0); optimizer.step()     # the optimizer holds this rank's parameters only
 
-Tensor parallelism splits every layer (apply_tensor_parallel on the TP group), then the pipeline cuts the model at
-block boundaries (partition_gpt on the PP group), then data parallelism replicates the whole pipeline.
+Tensor parallelism splits every layer (apply_tensor_parallel on the TP group, sequence parallelism included), then
+the pipeline cuts the model at block boundaries (partition_gpt on the PP group), then data parallelism replicates
+the whole pipeline.
 
 Data parallelism is one all-reduce of the gradients over the DP group after the step, not torch DDP: inside a
 pipeline schedule every micro-batch runs its own backward, and DDP would all-reduce after each of them (the schedule
@@ -85,12 +86,12 @@ class Parallel3D(nn.Module):
         """The whole batch through the stages in pipeline order (blocking send/recv); the last stage's loss is
         broadcast over the pipeline."""
         loss = torch.zeros((), device=idx.device)
-        hidden_shape, dtype = (*idx.shape, self.config.n_embd), next(self.parameters()).dtype
+        dtype = next(self.parameters()).dtype
         for stage in self.stages:  # a rank's chunks in order: chunk c + 1 waits for chunk c of the last rank
             if stage.is_first:
                 x = idx
             else:
-                x = torch.empty(hidden_shape, dtype=dtype, device=idx.device)
+                x = torch.empty(stage.hidden_shape(*idx.shape), dtype=dtype, device=idx.device)
                 dist.recv(x, stage.prev_rank)
             y = stage(x)
             if stage.is_last:

@@ -14,6 +14,13 @@ travel forward with ``dist.isend``/``irecv``, their gradients travel back the sa
 to lm_head, so the first and the last stage each hold a copy of that matrix: after backward their gradients are
 summed over a group of just those two stages (Megatron's embedding group), and both copies take the same step.
 
+Cut from a tensor-parallel GPT (``apply_tensor_parallel``), a stage holds its TP shard of those layers and the
+messages go between the ranks of the same TP index (the pipeline group). With sequence parallelism the hidden
+states between blocks are split along the sequence (Korthikanti et al. 2022): the first stage's embeddings
+reduce-scatter them, the last stage's lm_head all-gathers them, and stages exchange (b, T/t, C) shards, 1/t of the
+bytes (:meth:`GPTStage.hidden_shape`). The replicated LayerNorm and position weights get their TP all-reduce in
+their own backward, so nothing changes at the end of the step.
+
 Schedules, for p stages, m micro-batches, forward time t_f and backward time t_b per micro-batch and stage:
 
     GPipe  all m forwards, then all m backwards. Every stage keeps the activations of all m micro-batches.
@@ -46,6 +53,7 @@ import torch.nn.functional as F
 
 from labs_lib.measure.memory import ActivationMeter
 from labs_lib.models.gpt import GPT
+from labs_lib.parallel.comms import group_size
 
 __all__ = ["SCHEDULES", "check_pipeline", "GPTStage", "partition_gpt", "gpt_loss", "Event",
            "PipelineSchedule", "GPipe", "OneFOneB", "Interleaved1F1B", "make_schedule"]
@@ -134,6 +142,8 @@ class GPTStage(nn.Module):
         self.blocks = nn.ModuleDict({str(i): model.blocks[i] for i in range(first_layer, first_layer + per_stage)})
         if self.is_last:
             self.ln_f, self.lm_head = model.ln_f, model.lm_head
+        # Sequence parallelism (a tensor-parallel GPT's flag) splits the hidden states between stages t ways.
+        self.sequence_shards = group_size(model.tp_group) if getattr(model, "sequence_parallel", False) else 1
 
         # With one stage the tied matrix is one parameter; with several, the first and last stage hold a copy each.
         self.tied_group = None
@@ -148,6 +158,10 @@ class GPTStage(nn.Module):
     @property
     def next_rank(self) -> int:
         return self.ranks[(self.pp_rank + 1) % self.pp_size]
+
+    def hidden_shape(self, batch_size: int, seq_len: int) -> tuple[int, int, int]:
+        """The shape of the hidden states this stage receives and sends for a (batch_size, seq_len) batch."""
+        return batch_size, seq_len // self.sequence_shards, self.config.n_embd
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_first:
@@ -245,9 +259,9 @@ class PipelineSchedule(ABC):
         the stage's parameters (zero them between steps). Every stage passes the same batch: the first reads the
         tokens, the last the targets, the others their shape. Returns the batch's mean loss on every rank."""
         self._check(batch_size=idx.size(0))
-        m, config = self.micro_batches, self.first.config
+        m = self.micro_batches
         self._tokens, self._targets = idx.chunk(m), targets.chunk(m)
-        self._hidden_shape = (idx.size(0) // m, idx.size(1), config.n_embd)
+        self._hidden_shape = self.first.hidden_shape(idx.size(0) // m, idx.size(1))
         self._dtype = next(self.first.parameters()).dtype
         self._saved: dict[tuple[int, int], tuple] = {}  # (chunk, micro-batch) → (input, output or loss, bytes)
         self._live_bytes, self._pending_sends = 0, []

@@ -18,6 +18,8 @@ Sequence parallelism splits what lies *between* those regions (LayerNorms, dropo
 sequence: g becomes a reduce-scatter and f an all-gather, so activations there take 1/t of the memory for the
 same traffic. The LayerNorm weights, row-parallel biases and position embedding are replicated but see only a
 sequence shard, so their grads are summed across tensor-parallel ranks (f applied to the parameter itself).
+Every rule lives in a module (the embeddings split the sequence, ln_f + lm_head gather it), so a pipeline stage
+built from these modules (pipeline.py) runs sequence-parallel too, and sends its (b, T/t, C) shard to the next.
 
 Dropout: activations that differ between tensor-parallel ranks (a shard of heads, a shard of the sequence) draw
 masks from a per-rank generator (``get_rng_tracker().fork()``); replicated activations use the default
@@ -49,9 +51,9 @@ from labs_lib.parallel.comms import (
 from labs_lib.parallel.rng import get_rng_tracker
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
-           "SequenceParallelLayerNorm", "ShardedDropout", "TensorParallelSelfAttention", "TensorParallelGPT",
-           "apply_tensor_parallel",
-           "gather_full_state_dict", "check_tensor_parallel", "shard_tensor", "unshard_tensors"]
+           "SequenceParallelPositionEmbedding", "SequenceParallelLayerNorm", "ShardedDropout",
+           "TensorParallelSelfAttention", "TensorParallelGPT", "apply_tensor_parallel", "gather_full_state_dict",
+           "check_tensor_parallel", "check_sequence_split", "shard_tensor", "unshard_tensors"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Slicing full weights into shards and back. A split parameter carries ``tp_dim`` (the split dim) and
@@ -99,10 +101,15 @@ def check_tensor_parallel(config: GPTConfig, tp: int, seq_len: int | None = None
     need(config.vocab_size % tp == 0, f"vocab_size={config.vocab_size} is not divisible by the tensor-parallel "
                                       f"size {tp}: {_pad_vocab_fix(config.vocab_size, tp)}")
     if sequence_parallel:
-        seq_len = seq_len or config.block_size
-        need(seq_len % tp == 0, f"sequence parallelism splits the sequence over {tp} ranks, but its length "
-                                f"{seq_len} is not divisible by {tp}: use a sequence length (block_size) that is a "
-                                "multiple of the tensor-parallel size")
+        check_sequence_split(seq_len or config.block_size, tp)
+
+
+def check_sequence_split(seq_len: int, tp: int) -> None:
+    """Raise ValueError naming the fix if a sequence of ``seq_len`` tokens cannot be split over ``tp`` ranks."""
+    if seq_len % tp:
+        raise ValueError(f"sequence parallelism splits the sequence over {tp} ranks, but its length {seq_len} is not "
+                         f"divisible by {tp}: use a sequence length (block_size) that is a multiple of the "
+                         "tensor-parallel size")
 
 
 class ShardedDropout(nn.Dropout):
@@ -224,9 +231,29 @@ class VocabParallelEmbedding(nn.Module):
         outside = (idx < self.vocab_start) | (idx >= self.vocab_end)
         local = F.embedding((idx - self.vocab_start).masked_fill(outside, 0), self.weight)
         local = local.masked_fill(outside.unsqueeze(-1), 0.0)
-        if self.sequence_parallel:
+        if self.sequence_parallel:  # the sequence is split here first: say how to fix a length that cannot be
+            check_sequence_split(idx.size(1), group_size(self.group))
             return reduce_scatter_to_sequence_parallel_region(local, self.group)
         return reduce_from_tensor_parallel_region(local, self.group)
+
+
+class SequenceParallelPositionEmbedding(nn.Embedding):
+    """The position table, replicated, looked up for this rank's shard of the positions it is given (rank r:
+    positions r·T/t ..), to add to that shard of the token embeddings. Each rank reads its own rows, so the table
+    enters through f: its grad is all-reduced over the TP group."""
+
+    group = None
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, group=None) -> SequenceParallelPositionEmbedding:
+        with torch.device("meta"):
+            layer = cls(embedding.num_embeddings, embedding.embedding_dim)
+        layer.weight, layer.group = embedding.weight, group
+        return layer
+
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        shard = pos.chunk(group_size(self.group))[group_rank(self.group)]
+        return F.embedding(shard, copy_to_tensor_parallel_region(self.weight, self.group))
 
 
 class SequenceParallelLayerNorm(nn.LayerNorm):
@@ -333,19 +360,12 @@ class TensorParallelGPT(GPT):
     sequence_parallel = False
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        T, tp, rank = idx.size(1), group_size(self.tp_group), group_rank(self.tp_group)
+        T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence of length {T} is longer than the model's block_size={self.config.block_size}: "
                              "crop the input to the last block_size tokens")
-        if self.sequence_parallel:
-            check_tensor_parallel(self.config, tp, seq_len=T, sequence_parallel=True)
-        x = self.tok_emb(idx)  # (B, T, C); with sequence parallelism (B, T/t, C), this rank's tokens
-        if self.sequence_parallel:
-            pos = torch.arange(rank * T // tp, (rank + 1) * T // tp, device=idx.device)
-            pos_emb = F.embedding(pos, copy_to_tensor_parallel_region(self.pos_emb.weight, self.tp_group))
-        else:
-            pos_emb = self.pos_emb(torch.arange(T, device=idx.device))
-        x = self.drop(x + pos_emb)
+        # (B, T, C); with sequence parallelism (B, T/t, C), this rank's tokens and their positions
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device)))
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab/t)
@@ -375,6 +395,7 @@ def apply_tensor_parallel(model: GPT, tp_group=None, sequence_parallel: bool = F
             block.ln_2 = SequenceParallelLayerNorm.from_layernorm(block.ln_2, tp_group)
             block.mlp.drop = ShardedDropout(block.mlp.drop.p)
     if sp:
+        model.pos_emb = SequenceParallelPositionEmbedding.from_embedding(model.pos_emb, tp_group)
         model.ln_f = SequenceParallelLayerNorm.from_layernorm(model.ln_f, tp_group)
         model.drop = ShardedDropout(model.drop.p)
     model.__class__ = TensorParallelGPT
