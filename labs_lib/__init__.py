@@ -12,7 +12,8 @@ Layers, lowest first; each imports only from its own layer and the ones below (t
                 pipeline timelines)
     inference   text generation from a trained checkpoint
     jobs        child processes, Slurm, and the one launcher every lab's job goes through
-    labs        per notebook: what it runs and reads back (lab00 ... lab06), exercise checks, plots
+    labs        per notebook: what it runs and reads back (lab00 ... lab07), exercise checks, plots
+    planner     lab 07: memory / time / fit of any GPT on any cluster, this machine calibrated, auto-tuning
 
 Where a lab's experiment lives: labs_lib/labs/labNN.py (its docstring names the engine code it runs).
 """
