@@ -40,7 +40,7 @@ __all__ = ["Parallel3D"]
 class Parallel3D(nn.Module):
     """This rank's part of the GPT: its TP shard of its pipeline stage(s) (of the whole model when pp = 1)."""
 
-    def __init__(self, model: GPT, mesh: Mesh, parallel: ParallelConfig):
+    def __init__(self, model: GPT, mesh: Mesh, parallel: ParallelConfig, measure: bool = False):
         super().__init__()
         self.mesh, self.config = mesh, model.config
         if mesh.tp > 1:
@@ -49,9 +49,9 @@ class Parallel3D(nn.Module):
         if mesh.pp > 1:
             self.stages = nn.ModuleList(partition_gpt(model, mesh.pp_rank, mesh.pp, mesh.pp_group, chunk,
                                                       parallel.pp_chunks) for chunk in range(parallel.pp_chunks))
-            # measure=False: no step barriers, no activation metering; training reads only the loss.
+            # measure=False: no step barriers, no activation metering (on: the trainer's --measure-activations).
             self.schedule = make_schedule(parallel.pp_schedule, list(self.stages), parallel.micro_batches,
-                                          loss_fn=self._scaled_loss, measure=False)
+                                          loss_fn=self._scaled_loss, measure=measure)
         else:
             self.stages = nn.ModuleList([model])
         self._grad_accum = 1
