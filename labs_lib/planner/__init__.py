@@ -1,7 +1,8 @@
 """Lab 07's planner: predict memory, time and fit for any GPT on any cluster, calibrate this machine, auto-tune.
 
-    plan.py                 ModelSpec, ClusterSpec, Plan -> estimate(): per-GPU memory, FLOPs, communication,
-                            step time, tokens/s, MFU, training days, fits (and why not)
+    plan.py                 estimate(model, cluster, plan): per-GPU memory, FLOPs, communication, step time,
+                            tokens/s, MFU, training days, fits (and why not); check_plan
+    specs.py                ModelSpec, ClusterSpec, Plan, Estimate (re-exported by plan.py), parameters per rank
     presets.py              model presets (gpt2-small ... megatron-1t) and cluster presets (h100-80gb, a100-80gb,
                             h200, local: this machine as calibrate.py measured it)
     __main__.py             ``python -m labs_lib.planner --model gpt3-175b --gpus 1024 ...`` (table or --json)
