@@ -169,7 +169,7 @@ def _gradient_traffic(model: ModelSpec, cluster: ClusterSpec, plan: Plan, backwa
     d, m = plan.dp, plan.gradient_accumulation
     if d == 1:
         return {}, 0.0
-    weight_bytes, grad_bytes, _ = state_bytes(model, plan.precision)
+    grad_bytes = state_bytes(model, plan.precision)[1]
     n = max(stage_params(model, plan.tp, plan.pp, stage) for stage in (0, plan.pp - 1))
     grads, span = n * grad_bytes, plan.tp * d
     # Stages 0 and 1 all-reduce once per step (no_sync in between); 2 and 3 reduce-scatter every backward.
