@@ -18,7 +18,7 @@ flight; the last the output layer, a copy of the tied embedding, and the logits)
   per parameter of specs.state_bytes (mixed precision 2 + 2 + 12). Offload moves the optimizer state to the host;
 - activations: one layer's (labs_lib.estimates.activations) × the (layer, micro-batch) sets the schedule keeps;
 - buffers: the last stage's fp32 logits (b·s·V/t, every micro-batch of them under GPipe), the tensors backward
-  rebuilds for one layer under recomputation, and one 25 MB DDP bucket.
+  rebuilds for one layer under recomputation, and one DDP bucket (25 MB, or all the gradients if fewer).
 
 **Time**: compute = hardware FLOPs per GPU / (peak · compute_efficiency), plus the calibrated fixed cost per layer
 and micro-batch (CPU clusters); ranks that share ``shared_cores`` cores share their compute. Bubble = (p − 1)/(v·m)
@@ -147,7 +147,7 @@ def stage_memory(model: ModelSpec, plan: Plan, stage: int) -> dict[str, float]:
         logits_held = m if plan.schedule == "gpipe" and plan.pp > 1 else 1
         buffers += 4 * plan.micro_batch * model.seq * model.vocab / plan.tp * logits_held
     if plan.dp > 1 and plan.zero == 0:
-        buffers += DDP_BUCKET_BYTES
+        buffers += min(DDP_BUCKET_BYTES, states["grads"])  # a bucket holds at most all the gradients
     memory = {**states, "activations": activations, "buffers": buffers}
     return {**memory, "total": sum(memory.values())}
 
