@@ -1,0 +1,166 @@
+"""Measure this machine the way a GPU node is measured, and keep it as the planner's ``local`` cluster preset.
+
+    python -m labs_lib.planner.calibrate            # measure (about a minute) and save; prints the preset
+    python -m labs_lib.planner.calibrate --show     # the saved one (measured first if there is none)
+    local_cluster()                                 # the ClusterSpec the planner uses for --gpu local
+
+What is measured, and what a GPU cluster's data sheet gives instead:
+
+- **all-reduce bus bandwidth against message size** (labs_lib.measure.bandwidth, nccl-tests' busbw), within one
+  simulated node (2 ranks on node1) and across the two (1 rank on each), as real jobs through labs_lib.jobs.launch.
+  A straight line through time = latency + bytes·2(n−1)/n / busbw over the sizes gives the two numbers the planner
+  uses per link (least squares, weighted so that small and large messages count alike);
+- **matmul FLOP/s** of one process on one thread at several sizes (the GEMM benchmark): the peak is the largest;
+- **the GPT's training step at several micro-batches** (one process, one thread: labs_lib.measure.throughput):
+  a step of b sequences takes layers·overhead + b·(FLOPs per sequence)/(peak·efficiency). The fit gives the
+  compute efficiency (what share of the GEMM peak a small model's matmuls reach) and the fixed cost per layer and
+  micro-batch (operator dispatch and Python, the CPU's version of kernel-launch overhead), which a GPU hides.
+
+Every process of a local job shares this machine's cores (the simulated nodes are one host), so the preset says
+``shared_cores``: the planner divides the cores' compute between the ranks. Saved in
+``build/cache/planner/local.json``; delete it (or pass ``--force``) to measure again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from pathlib import Path
+
+import torch
+
+from labs_lib.core import paths
+from labs_lib.core.config import GPTConfig
+from labs_lib.core.runs import read_json, write_json
+from labs_lib.measure.bandwidth import DEFAULT_SIZES
+from labs_lib.measure.flops import measure_matmul_flops
+from labs_lib.measure.throughput import training_throughput
+
+# The model the step costs are measured on: the benchmarks' and lab 07's small GPT (ci vocabulary and sequence).
+CALIBRATION_MODEL = GPTConfig(vocab_size=512, block_size=64, n_layer=8, n_head=8, n_embd=128)
+GEMM_SIZES = (128, 256, 512, 1024)
+STEP_MICRO_BATCHES = (1, 2, 4, 8)
+LOCAL_NODES, LOCAL_RANKS_PER_NODE = 2, 4  # the local Slurm cluster the labs use: 2 simulated nodes x 4 ranks
+
+
+def calibration_path() -> Path:
+    return paths.cache_dir() / "planner" / "local.json"
+
+
+def fit_link(rows: list[dict], world_size: int) -> tuple[float, float]:
+    """(latency s, bus bandwidth B/s) of ``time = latency + bytes·2(n−1)/n / busbw`` through the measured rows,
+    least squares on relative error (each row weighted by 1/time², so 1 KiB counts as much as 16 MiB)."""
+    factor = 2 * (world_size - 1) / world_size
+    xs = [r["bytes"] * factor for r in rows]
+    ts = [r["time_s"] for r in rows]
+    ws = [1 / t**2 for t in ts]
+    sw = sum(ws)
+    mx, mt = sum(w * x for w, x in zip(ws, xs)) / sw, sum(w * t for w, t in zip(ws, ts)) / sw
+    slope = (sum(w * (x - mx) * (t - mt) for w, x, t in zip(ws, xs, ts))
+             / sum(w * (x - mx) ** 2 for w, x in zip(ws, xs)))
+    latency = max(mt - slope * mx, 0.0)
+    return latency, 1 / slope if slope > 0 else float("inf")
+
+
+def fit_step_costs(rows: list[dict], cfg: GPTConfig, peak: float) -> tuple[float, float]:
+    """(compute efficiency, seconds of fixed cost per layer and micro-batch) from one-process step times
+    ``{"micro_batch", "step_s"}``: step = layers·overhead + b·flops_per_sequence / (peak·efficiency)."""
+    from labs_lib.models.gpt import GPT
+
+    with torch.device("meta"):
+        flops_per_sequence = GPT(cfg).flops_per_token() * cfg.block_size  # 6N + 12Lhs: forward and backward
+    bs = [r["micro_batch"] for r in rows]
+    ts = [r["step_s"] for r in rows]
+    mb, mt = statistics.fmean(bs), statistics.fmean(ts)
+    slope = sum((b - mb) * (t - mt) for b, t in zip(bs, ts)) / sum((b - mb) ** 2 for b in bs)
+    intercept = max(mt - slope * mb, 0.0)
+    return flops_per_sequence / (slope * peak), intercept / cfg.n_layer
+
+
+def measure_links(runs: Path, progress: bool = True) -> dict:
+    """All-reduce rows within a node (2 ranks, one node) and across nodes (1 rank on each of 2), as real jobs."""
+    from labs_lib.jobs.launch import launch
+
+    links = {}
+    for name, nodes, per_node in (("intra_node", 1, 2), ("inter_node", 2, 1)):
+        out = runs / f"allreduce_{name}"
+        launch("labs_lib.measure.bandwidth", [], out, nodes=nodes, nproc_per_node=per_node, progress=progress,
+               desc=f"all-reduce {name.replace('_', '-')}")
+        measured = read_json(out / "bandwidth.json")
+        latency, busbw = fit_link(measured["rows"], measured["world_size"])
+        links[name] = {"rows": measured["rows"], "world_size": measured["world_size"], "latency_s": latency,
+                       "busbw": busbw}
+    return links
+
+
+def measure_compute() -> dict:
+    """GEMM FLOP/s by size and the calibration GPT's step time by micro-batch, one process on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as every rank of a local job runs (OMP_NUM_THREADS=1)
+    try:
+        gemm = [{"size": n, "flops": measure_matmul_flops(n, torch.float32, seconds=0.3)} for n in GEMM_SIZES]
+        steps = [{"micro_batch": b, "step_s": b * CALIBRATION_MODEL.block_size
+                  / training_throughput(CALIBRATION_MODEL, b, steps=5, warmup=2)} for b in STEP_MICRO_BATCHES]
+    finally:
+        torch.set_num_threads(threads)
+    peak = max(r["flops"] for r in gemm)
+    efficiency, overhead = fit_step_costs(steps, CALIBRATION_MODEL, peak)
+    return {"gemm": gemm, "steps": steps, "peak_flops": peak, "compute_efficiency": efficiency,
+            "layer_overhead_s": overhead}
+
+
+def calibrate(progress: bool = True) -> dict:
+    """Measure links and compute, save them (:func:`calibration_path`) and return the saved record."""
+    runs = paths.runs_dir() / "calibrate"
+    record = {"links": measure_links(runs, progress), **measure_compute(), "cores": os.cpu_count(),
+              "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+              "message_sizes": DEFAULT_SIZES}
+    write_json(calibration_path(), record)
+    return record
+
+
+def load_calibration(measure_if_missing: bool = True, progress: bool = False) -> dict:
+    path = calibration_path()
+    if path.exists():
+        return read_json(path)
+    if not measure_if_missing:
+        raise FileNotFoundError(f"{path} does not exist: run python -m labs_lib.planner.calibrate first")
+    return calibrate(progress)
+
+
+def local_cluster(measure_if_missing: bool = True):
+    """This machine as a cluster preset: 2 simulated nodes x 4 ranks, each rank a "GPU" with an equal share of the
+    memory, the measured links and compute, all ranks sharing the machine's cores."""
+    from labs_lib.planner.plan import ClusterSpec
+
+    c = load_calibration(measure_if_missing)
+    gpus = LOCAL_NODES * LOCAL_RANKS_PER_NODE
+    return ClusterSpec(name="local", gpus=gpus, gpus_per_node=LOCAL_RANKS_PER_NODE,
+                       memory_bytes=c["memory_bytes"] / gpus, peak_flops=c["peak_flops"],
+                       intra_node_busbw=c["links"]["intra_node"]["busbw"],
+                       inter_node_busbw=c["links"]["inter_node"]["busbw"],
+                       latency_s=max(c["links"]["intra_node"]["latency_s"], c["links"]["inter_node"]["latency_s"]),
+                       compute_efficiency=c["compute_efficiency"], shared_cores=c["cores"],
+                       layer_overhead_s=c["layer_overhead_s"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    from labs_lib.core.tables import format_table
+
+    p = argparse.ArgumentParser(prog="python -m labs_lib.planner.calibrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--force", action="store_true", help="measure again even if a calibration is saved")
+    p.add_argument("--show", action="store_true", help="print the saved calibration (measure if there is none)")
+    a = p.parse_args(argv)
+    record = calibrate() if a.force or not (a.show or calibration_path().exists()) else load_calibration()
+    for name, link in record["links"].items():
+        print(f"{name}: latency {link['latency_s'] * 1e6:.0f} us, busbw {link['busbw'] / 1e9:.3f} GB/s")
+        print(format_table([{"bytes": r["bytes"], "time us": r["time_s"] * 1e6, "busbw GB/s": r["busbw"] / 1e9}
+                            for r in link["rows"]], digits=3))
+    print(f"matmul peak {record['peak_flops'] / 1e9:.1f} GFLOP/s (1 thread); the GPT's matmuls reach "
+          f"{record['compute_efficiency']:.0%} of it, plus {record['layer_overhead_s'] * 1e3:.2f} ms per layer and "
+          f"micro-batch; {record['cores']} cores shared by all ranks; saved in {calibration_path()}")
+
+
+if __name__ == "__main__":
+    main()
