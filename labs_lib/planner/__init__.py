@@ -10,6 +10,8 @@
                             against message size within a node and across two, matmul FLOP/s -> the local preset
     autotune.py             enumerate plans, drop what does not fit or is dominated, run the best as real trials
                             through labs_lib.jobs.launch, pick the winner
+    accuracy.py             the planner held to measurement: predicted per-rank memory and step time beside real
+                            runs of six layouts on the local cluster
     deepspeed_autotune.py   DeepSpeed's own autotuner, started the way its users start it (deepspeed launcher,
                             hostfile of the local cluster's nodes), its choice read back
 

@@ -116,6 +116,7 @@ def calibrate(progress: bool = True) -> dict:
     record = {"links": measure_links(runs, progress), **measure_compute(), "cores": os.cpu_count(),
               "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
               "message_sizes": DEFAULT_SIZES}
+    calibration_path().parent.mkdir(parents=True, exist_ok=True)
     write_json(calibration_path(), record)
     return record
 
