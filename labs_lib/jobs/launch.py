@@ -16,6 +16,12 @@ Multi-process code never runs in the Jupyter kernel (spawn re-imports ``__main__
 5. **Failure**: :class:`~labs_lib.jobs.process.LaunchError` (torchrun) or :class:`~labs_lib.jobs.slurm.JobFailed`
    (Slurm), with the exit code, the log's first error and its tail. An interrupt stops the job too.
 
+``memory_cap_gb``: each rank gets a memory cap that plays a GPU's memory (labs_lib.core.memcap, through
+``LABS_MEMORY_CAP_BYTES``); past it the job fails with "out of memory: rank r needs more than the ... GB memory cap
+(the planner estimated ... GB per rank for this plan)", the estimate being ``memory_estimate_gb`` when the caller
+has one (this layer cannot ask the planner). Under Slurm the cap is ours as well: the local cluster
+(``TaskPlugin=task/none``) enforces no ``sbatch --mem``.
+
 Every job module takes ``--out DIR`` and ``--no-progress`` and has a ``check_args``; its output goes to
 ``out/job.log``. Returns the run's metrics records.
 """
@@ -31,6 +37,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from labs_lib.core.config import default_profile_name
+from labs_lib.core.memcap import cap_environment
 from labs_lib.core.runs import fresh_run_dir, read_metrics
 from labs_lib.jobs import slurm
 from labs_lib.jobs.process import read_log, run_child, show_steps
@@ -53,10 +60,13 @@ def settings_args(profile: str | None = None, resume: bool = False, **settings) 
     return args
 
 
-def check(module: str, args: list[str], out: str | Path, world_size: int) -> int | None:
+def check(module: str, args: list[str], out: str | Path, world_size: int, memory_cap: bool = False) -> int | None:
     """Run the job module's own check on exactly the command line its ranks will get; returns how many steps the
-    job will log (the progress bar's length), or None. Raises ValueError naming the fix."""
+    job will log (the progress bar's length), or None. Raises ValueError naming the fix, also when a
+    ``memory_cap`` is asked of a module whose ranks do not apply one (``APPLIES_MEMORY_CAP``)."""
     job = importlib.import_module(module)
+    if memory_cap and not getattr(job, "APPLIES_MEMORY_CAP", False):
+        raise ValueError(f"{module} does not apply a memory cap: drop memory_cap_gb, or run labs_lib.train.gpt")
     return job.check_args(["--out", str(out), "--no-progress", *args], world_size)
 
 
@@ -80,41 +90,42 @@ def use_slurm(quiet: bool = False) -> bool:
 
 def launch(module: str, args: list[str], out: str | Path, nodes: int = 1, nproc_per_node: int = 1,
            profile: str | None = None, resume: bool = False, progress: bool = True, desc: str | None = None,
-           script: str = "train_gpt.sbatch", timeout_s: float | None = None) -> list[dict]:
+           script: str = "train_gpt.sbatch", timeout_s: float | None = None, memory_cap_gb: float | None = None,
+           memory_estimate_gb: float | None = None) -> list[dict]:
     """Run ``python -m module --out OUT --no-progress *args`` on ``nodes`` x ``nproc_per_node`` ranks (see the
     module docstring for the steps); returns the records of ``out/metrics.jsonl``.
 
     ``profile``: the run profile the job's processes see (``LABS_PROFILE``; default this machine's). ``script``:
     the Slurm job script (it receives ``TRAIN_MODULE``, ``OUT``, ``NPROC_PER_NODE``; see slurm/train_gpt.sbatch).
-    ``timeout_s``: stop the job (and raise) when it runs longer."""
+    ``timeout_s``: stop the job (and raise) when it runs longer. ``memory_cap_gb`` (1e9 bytes) per rank, and the
+    planner's ``memory_estimate_gb`` for its message: see the module docstring."""
     out = Path(out).resolve()
     world_size = nodes * nproc_per_node
-    total = check(module, args, out, world_size)  # fails here, before a job exists
+    env = {"LABS_PROFILE": profile or default_profile_name(), **cap_environment(memory_cap_gb, memory_estimate_gb)}
+    total = check(module, args, out, world_size, memory_cap_gb is not None)  # fails here, before a job exists
     fresh_run_dir(out, resume)
-    profile = profile or default_profile_name()
     label = desc or module.removeprefix("labs_lib.")
     if use_slurm():
-        return _via_slurm(module, args, out, nodes, nproc_per_node, profile, progress, label, script, total,
-                          timeout_s)
-    return _via_torchrun(module, args, out, world_size, profile, progress, label, total, timeout_s)
+        return _via_slurm(module, args, out, nodes, nproc_per_node, env, progress, label, script, total, timeout_s)
+    return _via_torchrun(module, args, out, world_size, env, progress, label, total, timeout_s)
 
 
-def _via_torchrun(module, args, out, world_size, profile, progress, label, total, timeout_s) -> list[dict]:
+def _via_torchrun(module, args, out, world_size, env, progress, label, total, timeout_s) -> list[dict]:
     runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}"] if world_size > 1 else []
     cmd = [sys.executable, *runner, "-m", module, "--out", str(out), "--no-progress", *args]
     bar = tqdm(total=total, desc=f"{label} x{world_size}", unit="step", disable=not progress)
     try:
         run_child(cmd, out / LOG, lambda: show_steps(bar, read_metrics(out)), timeout_s, what=label,
-                  env={"LABS_PROFILE": profile})  # what the job's processes read, as under Slurm
+                  env=env)  # what the job's processes read, as under Slurm
     finally:
         bar.close()
     return read_metrics(out)
 
 
-def _via_slurm(module, args, out, nodes, nproc_per_node, profile, progress, label, script, total,
+def _via_slurm(module, args, out, nodes, nproc_per_node, env, progress, label, script, total,
                timeout_s) -> list[dict]:
     job = slurm.submit(script, *args, nodes=nodes, job_name=f"{label.split('.')[-1]}_{out.name}", output=out / LOG,
-                       OUT=out, NPROC_PER_NODE=nproc_per_node, TRAIN_MODULE=module, LABS_PROFILE=profile)
+                       OUT=out, NPROC_PER_NODE=nproc_per_node, TRAIN_MODULE=module, **env)
     print(f"submitted Slurm job {job.id}: {nodes} node(s) x {nproc_per_node} ranks of {module}; log {out / LOG}")
     bar = tqdm(total=total, desc=f"Slurm job {job.id}", unit="step", disable=not progress)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -136,14 +147,17 @@ def _via_slurm(module, args, out, nodes, nproc_per_node, profile, progress, labe
 
 
 def train_gpt(out: str | Path, nodes: int = 2, nproc_per_node: int = 2, profile: str | None = None,
-              resume: bool = False, progress: bool = True, **settings) -> list[dict]:
+              resume: bool = False, progress: bool = True, memory_cap_gb: float | None = None,
+              memory_estimate_gb: float | None = None, **settings) -> list[dict]:
     """Train the GPT (``python -m labs_lib.train``: the job module labs_lib.train.gpt) on ``nodes`` x
     ``nproc_per_node`` ranks; returns its metrics.
 
-    Settings are the trainer's flags as keywords (``max_steps=100``, ``tp=2``, ``zero_stage=3``, ...).
-    ``resume=True`` continues from the checkpoint in ``out``; otherwise ``out`` starts empty."""
+    Settings are the trainer's flags as keywords (``max_steps=100``, ``tp=2``, ``zero_stage=3``,
+    ``measure_activations=True``, ...). ``resume=True`` continues from the checkpoint in ``out``; otherwise ``out``
+    starts empty. ``memory_cap_gb`` / ``memory_estimate_gb``: a memory cap per rank (see :func:`launch`)."""
     return launch("labs_lib.train.gpt", settings_args(profile, resume, **settings), out, nodes, nproc_per_node,
-                  profile=profile, resume=resume, progress=progress, desc="train")
+                  profile=profile, resume=resume, progress=progress, desc="train", memory_cap_gb=memory_cap_gb,
+                  memory_estimate_gb=memory_estimate_gb)
 
 
 def train_deepspeed(out: str | Path, nodes: int = 1, nproc_per_node: int = 2, ds_config: str = "zero2.json",

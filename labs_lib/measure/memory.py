@@ -2,6 +2,7 @@
 
     with ActivationMeter(model) as meter:            # bytes autograd keeps for backward, each storage once
         loss = model(x, y)[1]
+    ActivationPeak(model)                            # the same around each forward of a step: the step's peak
     held_bytes(model, optimizer)                     # params / grads / optimizer state this rank holds
     deepspeed_held_bytes(engine, grads=True)         # the same, read from a DeepSpeed engine's tensors
     gather_per_rank(held, world_size)                # every rank's numbers, on every rank (one all-gather)
@@ -10,6 +11,8 @@ Every count goes through :func:`storage_bytes`: views of one flat buffer count o
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -91,9 +94,15 @@ def gather_per_rank(values: dict[str, int], world_size: int, device=None) -> lis
     return [dict(zip(keys, t.tolist())) for t in everyone]
 
 
-def per_rank_fields(values: list[dict[str, int]]) -> dict[str, dict[str, int]]:
-    """{"mem_rank<r>": rank r's held bytes}: how the trainers put :func:`gather_per_rank` into metrics.jsonl."""
-    return {f"mem_rank{r}": v for r, v in enumerate(values)}
+def per_rank_fields(values: list[dict[str, int]]) -> dict[str, dict[str, int] | int]:
+    """{"mem_rank<r>": rank r's held bytes}, and {"act_rank<r>": its activation bytes} when the values have
+    ``activations``: how the trainers put :func:`gather_per_rank` into metrics.jsonl."""
+    fields = {}
+    for rank, held in enumerate(values):
+        fields[f"mem_rank{rank}"] = {k: v for k, v in held.items() if k != "activations"}
+        if "activations" in held:
+            fields[f"act_rank{rank}"] = held["activations"]
+    return fields
 
 
 class ActivationMeter:
@@ -144,3 +153,37 @@ class ActivationMeter:
     def __exit__(self, *exc) -> None:
         ActivationMeter._open.remove(self)
         self._hooks.__exit__(*exc)
+
+
+class ActivationPeak:
+    """The most bytes a step keeps for backward at once, over its forwards (each one an :class:`ActivationMeter`):
+    a micro-batch's backward frees its activations before the next forward, so the step's peak is the largest
+    forward's. Disabled (``enabled=False``), ``forward()`` is a null context: no hooks, no cost::
+
+        peak = ActivationPeak(model)
+        with peak.forward():
+            loss = model(x, y)[1]      # the forward only: a recompute in backward is transient, not kept
+        loss.backward()
+        peak.add(schedule.peak_activation_bytes)   # a peak measured elsewhere (a pipeline schedule's)
+        peak.take()                    # {"activations": the step's peak bytes} ({} disabled); the next starts at 0
+    """
+
+    def __init__(self, module: torch.nn.Module, enabled: bool = True):
+        self._meter = ActivationMeter(module) if enabled else None
+        self._peak = 0
+
+    @contextlib.contextmanager
+    def forward(self):
+        if self._meter is None:
+            yield
+            return
+        with self._meter:
+            yield
+        self.add(self._meter.bytes)
+
+    def add(self, nbytes: int) -> None:
+        self._peak = max(self._peak, nbytes)
+
+    def take(self) -> dict[str, int]:
+        peak, self._peak = self._peak, 0
+        return {"activations": peak} if self._meter is not None else {}

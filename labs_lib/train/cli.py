@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--zero-stage", type=int, choices=ZERO_STAGES,
                         help="ZeRO by hand instead of DDP: 1 optimizer state, 2 + gradients, 3 + parameters sharded "
                              "over the ranks (data parallel only; default 0)")
+    memory.add_argument("--measure-activations", action=argparse.BooleanOptionalAction, default=False,
+                        help="record act_rank<r>: the peak bytes each rank keeps for backward in a step (metered "
+                             "saved tensors; costs Python per saved tensor, and pipeline barriers)")
     layout = p.add_argument_group("3D parallelism (default: data parallel over every rank)")
     layout.add_argument("--dp", type=int, help="data-parallel replicas (default: world size / (tp * pp))")
     layout.add_argument("--tp", type=int, help="tensor-parallel ranks per layer (1)")
@@ -125,12 +128,18 @@ def configs_from_args(args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig,
     return model_cfg, train_cfg, parallel
 
 
+def check_trainer_args(args: argparse.Namespace, world_size: int) -> tuple[GPTConfig, TrainConfig, ParallelConfig]:
+    """The configs of ``python -m labs_lib.train``'s parsed ``args``, validated for ``world_size`` ranks (the DP x
+    TP x PP layout included); ValueError naming the fix."""
+    model_cfg, train_cfg, parallel = configs_from_args(args)
+    check_layout(model_cfg, train_cfg, parallel, world_size, device_type())
+    if args.measure_activations and train_cfg.compile:
+        raise ValueError("--measure-activations meters eager autograd's saved tensors: drop --compile to measure")
+    return model_cfg, train_cfg, parallel
 
 
 def check_args(argv: list[str], world_size: int) -> int:
     """The pre-launch check of ``python -m labs_lib.train`` (labs_lib.jobs.launch and slurm/train_gpt.sbatch call
-    it): parse and validate exactly what the ranks will see, the DP x TP x PP layout on ``world_size`` ranks
-    included; ValueError naming the fix. Returns the number of steps the run will log."""
-    model_cfg, train_cfg, parallel = configs_from_args(parse_job_args(build_parser(), argv))
-    check_layout(model_cfg, train_cfg, parallel, world_size, device_type())
-    return train_cfg.max_steps
+    it): parse and validate exactly what the ranks will see (:func:`check_trainer_args`). Returns the number of
+    steps the run will log."""
+    return check_trainer_args(parse_job_args(build_parser(), argv), world_size)[1].max_steps

@@ -22,9 +22,14 @@ same ``--tp``/``--pp``/``--pp-chunks``.
 Memory saving: ``--activation-checkpointing full|selective`` (labs_lib.parallel.recompute) recomputes each
 transformer block (or the cheap parts of it) in backward, on any layout. ``--zero-stage 1|2|3`` replaces DDP with
 ZeRO by hand (labs_lib.parallel.zero; data parallelism only): weights are gathered whole into the checkpoint, each
-rank saves its own optimizer shard, so resuming needs the same stage and number of ranks. On the data-parallel path
-every record has ``mem_rank<r>``: the bytes of parameters, gradients and optimizer state rank r holds after the step
-(labs_lib.measure.memory.held_bytes; DDP's own gradient buckets are not counted). Outputs in ``--out``:
+rank saves its own optimizer shard, so resuming needs the same stage and number of ranks.
+
+Memory, measured on every layout: each record has ``mem_rank<r>``, the bytes of parameters, gradients and optimizer
+state rank r holds after the step (labs_lib.measure.memory.held_bytes; DDP's own gradient buckets are not counted),
+and with ``--measure-activations`` ``act_rank<r>``, the most bytes rank r kept for backward at once during the step
+(labs_lib.train.steps). ``LABS_MEMORY_CAP_BYTES`` (labs_lib.jobs.launch's ``memory_cap_gb``) gives each rank a cap
+that plays a GPU's memory: past it the rank fails with "out of memory: rank r needs more than the ... GB memory cap"
+(labs_lib.core.memcap). Outputs in ``--out``:
 
     metrics.jsonl   one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, ... (+ val_loss)
     config.json     the resolved model / train settings and world size
@@ -45,19 +50,21 @@ import torch
 from labs_lib.core import checkpoint
 from labs_lib.core.config import GPTConfig, ParallelConfig, TrainConfig
 from labs_lib.core.dist import cleanup, exit_process, init_distributed, print0
+from labs_lib.core.memcap import memory_cap
 from labs_lib.core.runs import truncate_metrics, write_json
 from labs_lib.data.text import TokenBatches, eval_batches, prepare_data
 from labs_lib.measure.trace import profile_steps
 from labs_lib.models.gpt import GPT
 from labs_lib.parallel.mesh import build_mesh, check_layout
 from labs_lib.parallel.rng import TP_RNG, get_rng_tracker, tensor_parallel_manual_seed
-from labs_lib.train.cli import build_parser, check_args, configs_from_args, device_type, world_size_from_env
+from labs_lib.train.cli import build_parser, check_args, check_trainer_args, world_size_from_env
 from labs_lib.train.loop import Loop, run_loop
 from labs_lib.train.optim import lr_at
 from labs_lib.train.resume import check_resumable, save_checkpoint
 from labs_lib.train.steps import evaluate, make_strategy, step_fields, train_step
 
 __all__ = ["train", "main", "check_args"]  # check_args: the job module's pre-launch check (labs_lib.jobs.launch)
+APPLIES_MEMORY_CAP = True  # its ranks set LABS_MEMORY_CAP_BYTES (labs_lib.jobs.launch refuses a cap otherwise)
 
 
 def _prepare_run(out: Path, model_cfg, cfg, parallel, info, progress: bool):
@@ -88,10 +95,13 @@ def _resume(latest: Path, strategy, batches: TokenBatches, info) -> int:
 
 
 def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool = False,
-          progress: bool = True, parallel: ParallelConfig | None = None) -> list[dict]:
+          progress: bool = True, parallel: ParallelConfig | None = None,
+          measure_activations: bool = False) -> list[dict]:
     """Run (or resume) training in this process, as one rank of whatever launched it. Returns the metrics.
 
-    ``parallel``: the DP x TP x PP layout (default: data parallel over all ranks)."""
+    ``parallel``: the DP x TP x PP layout (default: data parallel over all ranks). ``measure_activations``: every
+    record gets ``act_rank<r>``. Under ``LABS_MEMORY_CAP_BYTES`` (labs_lib.core.memcap) what the run builds after
+    start-up (imports, process group, corpus) counts against the cap, as a GPU's memory would hold it."""
     info = init_distributed()
     out = Path(out)
     parallel = check_layout(model_cfg, cfg, parallel or ParallelConfig(), info.world_size, info.device.type)
@@ -99,12 +109,20 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
     if latest is not None:  # before anything is written to the run folder
         check_resumable(checkpoint.load_meta(latest), parallel, cfg, info.world_size, latest)
     data, meta = _prepare_run(out, model_cfg, cfg, parallel, info, progress)
+    with memory_cap(info.rank):
+        records = _train(info, out, model_cfg, cfg, parallel, latest, data, meta, progress, measure_activations)
+    cleanup()
+    return records
 
+
+def _train(info, out: Path, model_cfg: GPTConfig, cfg: TrainConfig, parallel: ParallelConfig, latest: Path | None,
+           data, meta: dict, progress: bool, measure_activations: bool) -> list[dict]:
+    """The run itself: model, strategy, data stream, resume, the loop."""
     # Tensor or pipeline parallelism: a mesh of process groups; data parallelism alone: DDP or ZeRO over the world.
     mesh = build_mesh(parallel, info.rank, info.world_size) if parallel.tp * parallel.pp > 1 else None
     dp_rank = mesh.dp_rank if mesh else info.rank
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    strategy = make_strategy(GPT(model_cfg).to(info.device), cfg, parallel, info, mesh, latest)
+    strategy = make_strategy(GPT(model_cfg).to(info.device), cfg, parallel, info, mesh, latest, measure_activations)
     # Every TP and PP rank of one replica reads the same batch: the replica's slice of the global batch.
     batches = TokenBatches(data.train_path, cfg.batch_size, model_cfg.block_size, dp_rank, parallel.dp,
                            seed=cfg.seed)
@@ -128,18 +146,17 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, out: str | Path, resume: bool 
                        if cfg.eval_interval else None,
                        save=lambda step: save_checkpoint(out, step, strategy, batches, meta, info, cfg),
                        profiler=tracer, record_fields=lambda result: step_fields(result, info, info.device))
-    cleanup()
     return records
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:  # every bad setting fails here, before any process group exists
-        model_cfg, train_cfg, parallel = configs_from_args(args)
-        check_layout(model_cfg, train_cfg, parallel, world_size_from_env(), device_type())
+        model_cfg, train_cfg, parallel = check_trainer_args(args, world_size_from_env())
     except ValueError as e:
         raise SystemExit(f"invalid configuration: {e}") from None
-    train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress, parallel=parallel)
+    train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress, parallel=parallel,
+          measure_activations=args.measure_activations)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,18 @@
 
     strategy = make_strategy(model, cfg, parallel, info, mesh)   # DataParallelStep | ZeroStep | MeshStep
     result = train_step(strategy, batches, cfg, device, scaler)  # the loss, grad norm and held bytes, on this rank
-    step_fields(result, info, device)                            # the record's {"loss", "grad_norm", "mem_rank<r>"}
+    step_fields(result, info, device)     # the record's {"loss", "grad_norm", "mem_rank<r>"} (+ "act_rank<r>")
 
 What differs between the layouts is each strategy's ``forward_backward`` (one micro-batch), ``finish_gradients``
 (the data-parallel reduction once the micro-batches are done), ``clip_grad_norm_`` and ``held_bytes``, and what a
 checkpoint holds (``checkpoint_state`` / ``load_checkpoint``); :func:`train_step` is the same for all, the way
 torchtitan splits ``train_step`` from ``forward_backward_step``. Checkpoints stay single-device: the weights are
 gathered on save and cut again on resume; optimizer state is saved per shard.
+
+Memory, measured on every layout: ``held_bytes`` is what this rank's parameters, gradients and optimizer state take
+after the optimizer step (gradients not yet zeroed); with ``measure_activations`` also ``activations``, the most
+bytes the step kept for backward at once (labs_lib.measure.memory.ActivationPeak around every forward; through a
+pipeline, the schedule's ``peak_activation_bytes`` with its meter on). Off, nothing is metered.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from labs_lib.core import checkpoint
 from labs_lib.core.config import TrainConfig
 from labs_lib.core.dist import DistInfo, all_reduce_mean
-from labs_lib.measure.memory import gather_per_rank, held_bytes, per_rank_fields
+from labs_lib.measure.memory import ActivationPeak, gather_per_rank, held_bytes, per_rank_fields
 from labs_lib.parallel.mesh import Mesh
 from labs_lib.parallel.parallel3d import Parallel3D
 from labs_lib.parallel.recompute import apply_activation_checkpointing
@@ -66,8 +71,9 @@ class DataParallelStep:
     """One process, or torch DDP over every rank (``overlap``: all-reduce buckets during backward; without it,
     every micro-batch runs under no_sync and one flat all-reduce follows backward)."""
 
-    def __init__(self, model, cfg: TrainConfig, info: DistInfo):
+    def __init__(self, model, cfg: TrainConfig, info: DistInfo, measure_activations: bool = False):
         self.model, self.info = model, info
+        self.activations = ActivationPeak(model, measure_activations)
         self.optimizer = make_optimizer(param_groups(model, cfg.weight_decay), cfg)
         compiled = torch.compile(model) if cfg.compile else model  # compile, then wrap (torchtitan's order)
         self.forward_model = (DistributedDataParallel(compiled, bucket_cap_mb=cfg.ddp_bucket_mb) if info.distributed
@@ -77,7 +83,7 @@ class DataParallelStep:
     def forward_backward(self, x, y, last: bool, accum: int, scaler, dtype: str):
         sync = self.info.distributed and last and self.overlap
         with contextlib.nullcontext() if sync or not self.info.distributed else self.forward_model.no_sync():
-            with autocast(dtype, self.info.device):
+            with autocast(dtype, self.info.device), self.activations.forward():
                 loss = self.forward_model(x, y)[1] / accum
             scaler.scale(loss).backward()
         return loss
@@ -90,7 +96,7 @@ class DataParallelStep:
         return torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def held_bytes(self) -> dict[str, int]:
-        return held_bytes(self.model, self.optimizer)
+        return held_bytes(self.model, self.optimizer) | self.activations.take()
 
     @property
     def evaluated(self):
@@ -108,16 +114,17 @@ class ZeroStep(DataParallelStep):
     """ZeRO by hand (labs_lib.parallel.zero_data_parallel) instead of DDP: it owns the forward, the optimizer and
     the gradient synchronization. Each rank checkpoints its own optimizer shard."""
 
-    def __init__(self, model, cfg: TrainConfig, info: DistInfo):
+    def __init__(self, model, cfg: TrainConfig, info: DistInfo, measure_activations: bool = False):
         self.model, self.info, self.overlap = model, info, True
         forward = torch.compile(model) if cfg.compile else model
         self.zero = ZeroDataParallel(model, cfg.zero_stage, param_groups(model, cfg.weight_decay), cfg.lr,
                                      (cfg.beta1, cfg.beta2), cfg.ddp_bucket_mb, forward_model=forward)
+        self.activations = ActivationPeak(model, measure_activations)
         self.optimizer = self.zero.optimizer
 
     def forward_backward(self, x, y, last: bool, accum: int, scaler, dtype: str):
         with self.zero.micro_batch(last):  # stage 1: no_sync but for the last; 2/3: reduce-scatter each backward
-            with autocast(dtype, self.info.device):
+            with autocast(dtype, self.info.device), self.activations.forward():
                 loss = self.zero(x, y)[1] / accum
             scaler.scale(loss).backward()
         return loss
@@ -129,7 +136,7 @@ class ZeroStep(DataParallelStep):
         return self.zero.clip_grad_norm_(max_norm)
 
     def held_bytes(self) -> dict[str, int]:
-        return self.zero.held_bytes()
+        return self.zero.held_bytes() | self.activations.take()
 
     @property
     def evaluated(self):
@@ -148,13 +155,22 @@ class MeshStep:
     """DP x TP x PP (labs_lib.parallel.parallel3d): the pipeline schedule runs forward and backward of each batch,
     then one all-reduce over the data-parallel group. Optimizer state is saved per (pp, tp) shard."""
 
-    def __init__(self, model: Parallel3D, cfg: TrainConfig, info: DistInfo, mesh: Mesh):
+    def __init__(self, model: Parallel3D, cfg: TrainConfig, info: DistInfo, mesh: Mesh,
+                 measure_activations: bool = False):
         self.model, self.info, self.mesh = model, info, mesh
+        self.activations = ActivationPeak(model, measure_activations)
         self.optimizer = make_optimizer(param_groups(model, cfg.weight_decay), cfg)
 
     def forward_backward(self, x, y, last: bool, accum: int, scaler, dtype: str):
         with autocast(dtype, self.info.device):
-            return self.model.forward_backward(x, y, accum)
+            if self.model.schedule is not None:  # the schedule meters its forwards when built with measure=True
+                loss = self.model.forward_backward(x, y, accum)
+                self.activations.add(self.model.schedule.peak_activation_bytes)
+                return loss
+            with self.activations.forward():  # the forward only, as on the data-parallel layouts
+                loss = self.model(x, y)[1] / accum
+        loss.backward()
+        return loss.detach()
 
     def finish_gradients(self) -> None:
         if self.mesh.dp > 1:
@@ -163,8 +179,8 @@ class MeshStep:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         return self.model.clip_grad_norm_(max_norm)
 
-    def held_bytes(self) -> None:
-        return None  # per-rank bytes are measured on the data-parallel layouts
+    def held_bytes(self) -> dict[str, int]:
+        return held_bytes(self.model, self.optimizer) | self.activations.take()
 
     @property
     def evaluated(self):
@@ -182,24 +198,26 @@ class MeshStep:
         self.optimizer.load_state_dict(checkpoint.load_optimizer_shard(latest, self.mesh.shard_name))
 
 
-def make_strategy(model, cfg: TrainConfig, parallel, info: DistInfo, mesh: Mesh | None, latest: Path | None):
+def make_strategy(model, cfg: TrainConfig, parallel, info: DistInfo, mesh: Mesh | None, latest: Path | None,
+                  measure_activations: bool = False):
     """The step strategy for the layout, built around the single-device ``model`` in torchtitan's order: TP and
     pipeline stages (Parallel3D), then activation checkpointing, then compile and DDP / ZeRO. A resumed run's
     single-device weights are loaded before the model is split or sharded; each strategy's ``load_checkpoint``
-    then restores its optimizer state."""
+    then restores its optimizer state. ``measure_activations``: each step's held bytes get ``activations``."""
     if latest is not None:
         model.load_state_dict(checkpoint.load_model_state(latest))
     if mesh is not None:
-        model = Parallel3D(model, mesh, parallel)
+        model = Parallel3D(model, mesh, parallel, measure=measure_activations)
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if mesh is not None:
-        return MeshStep(model, cfg, info, mesh)
-    return ZeroStep(model, cfg, info) if cfg.zero_stage else DataParallelStep(model, cfg, info)
+        return MeshStep(model, cfg, info, mesh, measure_activations)
+    step = ZeroStep if cfg.zero_stage else DataParallelStep
+    return step(model, cfg, info, measure_activations)
 
 
 def train_step(strategy, batches, cfg: TrainConfig, device: torch.device, scaler) -> tuple:
     """One optimizer step: ``grad_accum`` micro-batches forward and backward, the gradients finished, clipped and
-    applied; returns this rank's (summed loss, gradient norm, held bytes or None) for :func:`step_fields`."""
+    applied; returns this rank's (summed loss, gradient norm, held bytes) for :func:`step_fields`."""
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro-batch
     for micro in range(cfg.grad_accum):
         x, y = (t.to(device, non_blocking=True) for t in next(batches))
@@ -217,11 +235,9 @@ def train_step(strategy, batches, cfg: TrainConfig, device: torch.device, scaler
 
 def step_fields(result: tuple, info: DistInfo, device: torch.device) -> dict:
     """A step's record fields from :func:`train_step`'s result: the loss averaged over the ranks, the gradient norm,
-    and ``mem_rank<r>`` (each rank's held bytes after the step, on the data-parallel layouts). Collectives: every
-    rank calls it."""
+    ``mem_rank<r>`` (rank r's held bytes after the step: params, grads, optimizer) and, when activations are
+    measured, ``act_rank<r>`` (rank r's peak activation bytes in the step). Collectives: every rank calls it."""
     loss_sum, grad_norm, held = result
     # Every rank of a replica holds its loss (the last stage broadcasts it), so the world mean is the DP mean.
     fields = {"loss": all_reduce_mean(loss_sum.item()), "grad_norm": grad_norm.item()}
-    if held is not None:
-        fields.update(per_rank_fields(gather_per_rank(held, info.world_size, device)))
-    return fields
+    return fields | per_rank_fields(gather_per_rank(held, info.world_size, device))
