@@ -30,15 +30,16 @@ config as base64 JSON after ``--deepspeed_config``, the launcher adds ``--local_
 
 Where it stops with a hostfile (DeepSpeed 0.19.8): DeepSpeed reaches the hosts of a hostfile through passwordless
 ssh and pdsh only. ``deepspeed/launcher/runner.py`` ``main()`` first runs ``ssh node1 hostname`` (RuntimeError "...
-was not reachable via ssh" when it fails) and launches multi-host jobs through ``PDSHRunner``. ``--no_ssh_check``,
-``--master_addr`` and ``--launcher slurm`` change only the first launch: ``deepspeed/autotuning/scheduler.py``
-``run_experiment()`` relaunches every experiment as ``deepspeed --hostfile H --include node1:0,1@node2:0,1
---master_port P ...``, which checks ssh again and needs pdsh. The local cluster's simulated nodes are reached through
-Slurm, not ssh (no sshd, no pdsh, names that do not resolve), so there the first launch or the first experiment
-fails and :class:`AutotunerStopped` says where and why; on a GPU cluster with pdsh and passwordless ssh the same
-command runs. Without a hostfile it runs here, on the CPU accelerator: it counts ``LOCAL_SIZE`` devices and the
-experiments start as local processes. After each experiment ``scheduler.clean_up()`` runs ``pdsh ... pkill``; without
-pdsh that leaves a FileNotFoundError traceback per experiment in the log, after the experiment's results are written.
+was not reachable via ssh" when it fails) and launches multi-host jobs through ``PDSHRunner``. ``--no_ssh_check``
+and ``--master_addr`` help the first launch only (and ``--launcher`` is not read at all with ``--autotuning``):
+``deepspeed/autotuning/scheduler.py`` ``run_experiment()`` relaunches every experiment as ``deepspeed --hostfile H
+--include node1:0,1@node2:0,1 --master_port P ...``, which checks ssh again and needs pdsh. The local cluster's
+simulated nodes are reached through Slurm, not ssh (no sshd, no pdsh, names that do not resolve), so there the first
+launch or the first experiment fails and :class:`AutotunerStopped` says where and why; on a GPU cluster with pdsh
+and passwordless ssh the same command runs. Without a hostfile it runs here, on the CPU accelerator: it counts
+``LOCAL_SIZE`` devices and the experiments start as local processes. After each experiment
+``scheduler.clean_up()`` runs ``pdsh ... pkill``; without pdsh that leaves a FileNotFoundError traceback per
+experiment in the log, after the experiment's results are written.
 """
 
 from __future__ import annotations
@@ -117,8 +118,9 @@ def run_deepspeed_autotuner(out_dir: str | Path, nodes: list[str] | None = None,
     if procs_per_node < 1:
         raise ValueError(f"procs_per_node={procs_per_node}: give at least 1 rank per node")
     get_profile(profile)  # an unknown profile fails here, not in every experiment
-    out = fresh_run_dir(out_dir)
-    ds = autotune_config(ds_config, out)
+    out = Path(out_dir).resolve()
+    ds = autotune_config(ds_config, out)  # a bad config fails before the folder is emptied
+    fresh_run_dir(out)
     write_json(out / CONFIG, ds)
     cmd = deepspeed_command(out, ds, nodes, procs_per_node, profile, free_port(), launcher_args)
     (out / "command.txt").write_text(shlex.join(cmd) + "\n")
@@ -174,8 +176,10 @@ def read_results(out: str | Path, profile: str = "ci") -> dict:
     optimal = results / "ds_config_optimal.json"
     if not optimal.exists():
         failed = next((folder for _, folder in experiments if first_error(read_log(folder / "stderr.log"))), None)
-        log = read_log(failed / "stderr.log") if failed else read_log(out / LOG)
-        raise AutotunerStopped(stop_report(out, log, failed))
+        if failed is None:
+            raise AutotunerStopped("DeepSpeed's autotuner chose no configuration: no experiment wrote its metrics "
+                                   f"(each must train past autotuning.end_profile_step); full log: {out / LOG}")
+        raise AutotunerStopped(stop_report(out, read_log(failed / "stderr.log"), failed))
     summary = _summary_rows(results / "summary.txt")
     best = next(row for row in table if row["experiment"] == summary[-1]["best_exp_name"])
     info = results / MODEL_INFO / "model_info.json"
