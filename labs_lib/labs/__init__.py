@@ -11,4 +11,6 @@ lab03.py    03 memory saving: ZeRO by hand and DeepSpeed held bytes vs labs_lib.
 lab04.py    04 tensor parallelism: runs' logs, layouts and parameters held (labs_lib.parallel.tensor_parallel)
 lab05.py    05 pipeline parallelism: timeline jobs (labs_lib.train.pipeline_job on labs_lib.parallel.pipeline)
 lab06.py    06 DeepSpeed beyond NLP: the ViT job (labs_lib.train.deepspeed.vit) and its results
+lab07.py    07 auto-tuning: GPT-3 on paper, this machine calibrated, the planner against real runs, plans under a
+            memory cap, our autotuner and DeepSpeed's (labs_lib.planner)
 """

@@ -259,3 +259,40 @@ def plot_flops_vs_patch(patch_sizes, formula, profiler, attention_share, ax=None
     ax.grid(alpha=0.3)
     ax.legend()
     return ax
+
+
+def plot_bandwidth(links: dict[str, dict], ax=None):
+    """Bus bandwidth against message size per link (labs_lib.planner.calibrate's ``links``), with the fitted
+    latency + bytes / busbw line the planner uses, the way nccl-tests' tables are read."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for name, link in links.items():
+        sizes = [r["bytes"] for r in link["rows"]]
+        line, = ax.plot(sizes, [r["busbw"] / 1e9 for r in link["rows"]], "o", label=f"{name} measured")
+        n = link["world_size"]
+        fitted = [s * 2 * (n - 1) / n / (link["latency_s"] + s * 2 * (n - 1) / n / link["busbw"]) / 1e9
+                  for s in sizes]
+        ax.plot(sizes, fitted, "--", color=line.get_color(),
+                label=f"{name} fit: {link['latency_s'] * 1e6:.0f} us + bytes / {link['busbw'] / 1e9:.2f} GB/s")
+    ax.set(xscale="log", xlabel="message bytes", ylabel="busbw (GB/s)", title="all-reduce bus bandwidth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_predicted_vs_measured(rows: list[dict], predicted: str, measured: str, label: str = "plan",
+                               title: str = "planner vs measurement", unit: str = "", ax=None):
+    """One point per row at (measured, predicted) and the diagonal: points on it are plans the planner got right."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 5))
+    xs, ys = [r[measured] for r in rows], [r[predicted] for r in rows]
+    ax.scatter(xs, ys)
+    for r, x, y in zip(rows, xs, ys):
+        ax.annotate(str(r[label]), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    top = max(xs + ys) * 1.1
+    ax.plot([0, top], [0, top], "k--", lw=1, label="predicted = measured")
+    ax.set(xlim=(0, top), ylim=(0, top), xlabel=f"measured {unit}".strip(), ylabel=f"predicted {unit}".strip(),
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax
