@@ -13,7 +13,11 @@ gathered on save and cut again on resume; optimizer state is saved per shard.
 Memory, measured on every layout: ``held_bytes`` is what this rank's parameters, gradients and optimizer state take
 after the optimizer step (gradients not yet zeroed); with ``measure_activations`` also ``activations``, the most
 bytes the step kept for backward at once (labs_lib.measure.memory.ActivationPeak around every forward; through a
-pipeline, the schedule's ``peak_activation_bytes`` with its meter on). Off, nothing is metered.
+pipeline, the schedule's ``peak_activation_bytes`` with its meter on). Off, nothing is metered. What the meter
+counts beyond the blocks (tests/test_measured_memory.py, to the byte): the final LayerNorm and lm_head inputs, the
+log-softmax output, the int64 token windows and the loss's copy of the targets. Through a pipeline each micro-batch
+counts the whole batch's token storage (its ids are a view of it); under ZeRO-3 the all-gathered weights a unit's
+forward saves count too, at full size, although the unit frees them after its forward.
 """
 
 from __future__ import annotations
