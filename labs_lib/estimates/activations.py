@@ -91,6 +91,18 @@ def labs_activation_bytes(cfg: GPTConfig, micro_batch: int = 1, seq_len: int | N
     return whole - unsplit * (split + (sequence_split if sequence_parallel else 0))
 
 
+def labs_head_activation_bytes(cfg: GPTConfig, micro_batch: int = 1, seq_len: int | None = None,
+                               dtype: str = "fp32", tp: int = 1, sequence_parallel: bool = False) -> float:
+    """Bytes labs_lib's GPT keeps for backward after its last block, per micro-batch (measured by the trainer's
+    --measure-activations): the final LayerNorm's fp32 input 4sbh and its mean and 1/std 8sb (split along the sequence
+    under SP), the lm_head's input Bsbh (whole: SP gathers it), and the log-softmax of the logits that the
+    cross-entropy keeps, 4·s·b·V/t (fp32 even under autocast; the vocabulary is split over the TP ranks)."""
+    s, b, h = seq_len or cfg.block_size, micro_batch, cfg.n_embd
+    B = 4 if dtype == "fp32" else 2
+    sequence_share = tp if sequence_parallel else 1
+    return (4 * s * b * h + 8 * s * b) / sequence_share + B * s * b * h + 4 * s * b * cfg.vocab_size / tp
+
+
 def layers_in_flight(layers: int, pp: int, micro_batches: int, schedule: str = "1f1b", chunks: int = 1,
                      stage: int = 0) -> float:
     """How many (layer, micro-batch) activation sets pipeline rank ``stage`` holds at its peak.

@@ -5,5 +5,6 @@ flops.py          peak FLOP/s (data sheet or measured) and MFU
 memory.py         activations kept for backward, model-state bytes a rank holds (ours and DeepSpeed's), gathered
 throughput.py     steady-state throughput: the one warm-up rule, and in-process training throughput
 flops_report.py   DeepSpeed's flops profiler report, parsed
+compute.py        matmul FLOP/s and a GPT's step time on every rank at once (a job module: all cores busy)
 bandwidth.py      all-reduce time, algbw and busbw against message size (nccl-tests' way): a job module
 """

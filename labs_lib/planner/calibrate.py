@@ -10,8 +10,9 @@ What is measured, and what a GPU cluster's data sheet gives instead:
   simulated node (2 ranks on node1) and across the two (1 rank on each), as real jobs through labs_lib.jobs.launch.
   A straight line through time = latency + bytes·2(n−1)/n / busbw over the sizes gives the two numbers the planner
   uses per link (least squares, weighted so that small and large messages count alike);
-- **matmul FLOP/s** of one process on one thread at several sizes (the GEMM benchmark): the peak is the largest;
-- **the GPT's training step at several micro-batches** (one process, one thread: labs_lib.measure.throughput):
+- **matmul FLOP/s** on one thread at several sizes (the GEMM benchmark): the peak is the largest;
+- **the GPT's training step at several micro-batches** (labs_lib.measure.throughput), both measured by one rank
+  per core at once (labs_lib.measure.compute as a job), since a rank of a real job never has the machine alone:
   a step of b sequences takes layers·overhead + b·(FLOPs per sequence)/(peak·efficiency). The fit gives the
   compute efficiency (what share of the GEMM peak a small model's matmuls reach) and the fixed cost per layer and
   micro-batch (operator dispatch and Python, the CPU's version of kernel-launch overhead), which a GPU hides.
@@ -34,8 +35,6 @@ from labs_lib.core import paths
 from labs_lib.core.config import GPTConfig
 from labs_lib.core.runs import read_json, write_json
 from labs_lib.measure.bandwidth import DEFAULT_SIZES
-from labs_lib.measure.flops import measure_matmul_flops
-from labs_lib.measure.throughput import training_throughput
 
 # The model the step costs are measured on: the benchmarks' and lab 07's small GPT (ci vocabulary and sequence).
 CALIBRATION_MODEL = GPTConfig(vocab_size=512, block_size=64, n_layer=8, n_head=8, n_embd=128)
@@ -94,26 +93,35 @@ def measure_links(runs: Path, progress: bool = True) -> dict:
     return links
 
 
-def measure_compute() -> dict:
-    """GEMM FLOP/s by size and the calibration GPT's step time by micro-batch, one process on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as every rank of a local job runs (OMP_NUM_THREADS=1)
-    try:
-        gemm = [{"size": n, "flops": measure_matmul_flops(n, torch.float32, seconds=0.3)} for n in GEMM_SIZES]
-        steps = [{"micro_batch": b, "step_s": b * CALIBRATION_MODEL.block_size
-                  / training_throughput(CALIBRATION_MODEL, b, steps=5, warmup=2)} for b in STEP_MICRO_BATCHES]
-    finally:
-        torch.set_num_threads(threads)
+def measure_compute(runs: Path, progress: bool = True) -> dict:
+    """GEMM FLOP/s by size and the calibration GPT's step time by micro-batch, measured by one rank per core at
+    once (labs_lib.measure.compute as a job: each rank of a local job shares the machine with the others), averaged
+    over the ranks; then the peak, the efficiency and the per-layer cost fitted from them."""
+    from labs_lib.jobs.launch import launch
+
+    m = CALIBRATION_MODEL
+    out = runs / "compute"
+    args = ["--gemm-sizes", *map(str, GEMM_SIZES), "--micro-batches", *map(str, STEP_MICRO_BATCHES),
+            "--n-layer", str(m.n_layer), "--n-head", str(m.n_head), "--n-embd", str(m.n_embd),
+            "--block-size", str(m.block_size), "--vocab-size", str(m.vocab_size)]
+    ranks = os.cpu_count() or 1
+    launch("labs_lib.measure.compute", args, out, nodes=1, nproc_per_node=ranks, progress=progress,
+           desc="compute, every core busy")
+    per_rank = [read_json(out / f"compute_rank{r}.json") for r in range(ranks)]
+    gemm = [{"size": n, "flops": statistics.fmean(p["gemm"][i]["flops"] for p in per_rank)}
+            for i, n in enumerate(GEMM_SIZES)]
+    steps = [{"micro_batch": b, "step_s": statistics.fmean(p["steps"][i]["step_s"] for p in per_rank)}
+             for i, b in enumerate(STEP_MICRO_BATCHES)]
     peak = max(r["flops"] for r in gemm)
-    efficiency, overhead = fit_step_costs(steps, CALIBRATION_MODEL, peak)
+    efficiency, overhead = fit_step_costs(steps, m, peak)
     return {"gemm": gemm, "steps": steps, "peak_flops": peak, "compute_efficiency": efficiency,
-            "layer_overhead_s": overhead}
+            "layer_overhead_s": overhead, "compute_ranks": ranks}
 
 
 def calibrate(progress: bool = True) -> dict:
     """Measure links and compute, save them (:func:`calibration_path`) and return the saved record."""
     runs = paths.runs_dir() / "calibrate"
-    record = {"links": measure_links(runs, progress), **measure_compute(), "cores": os.cpu_count(),
+    record = {"links": measure_links(runs, progress), **measure_compute(runs, progress), "cores": os.cpu_count(),
               "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
               "message_sizes": DEFAULT_SIZES}
     calibration_path().parent.mkdir(parents=True, exist_ok=True)

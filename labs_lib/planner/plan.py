@@ -37,7 +37,12 @@ import math
 from dataclasses import replace
 
 from labs_lib.core.config import CHECKPOINT_MODES, DTYPES, ZERO_STAGES
-from labs_lib.estimates.activations import labs_activation_bytes, layers_in_flight, megatron_activation_bytes
+from labs_lib.estimates.activations import (
+    labs_activation_bytes,
+    labs_head_activation_bytes,
+    layers_in_flight,
+    megatron_activation_bytes,
+)
 from labs_lib.estimates.memory import zero_bytes_per_rank
 from labs_lib.estimates.parallel import tensor_parallel_comm_per_layer
 from labs_lib.parallel.pipeline import check_pipeline
@@ -145,7 +150,11 @@ def stage_memory(model: ModelSpec, plan: Plan, stage: int) -> dict[str, float]:
     buffers = _activation_bytes(model, plan, "none") - per_layer  # one layer rebuilt in backward
     if stage == plan.pp - 1:
         logits_held = m if plan.schedule == "gpipe" and plan.pp > 1 else 1
-        buffers += 4 * plan.micro_batch * model.seq * model.vocab / plan.tp * logits_held
+        if model.kind == "labs":  # measured: what the head keeps for backward, the logits' log-softmax included
+            activations += logits_held * labs_head_activation_bytes(model.gpt_config(), plan.micro_batch, None,
+                                                                    plan.precision, plan.tp, plan.sequence_parallel)
+        else:
+            buffers += 4 * plan.micro_batch * model.seq * model.vocab / plan.tp * logits_held
     if plan.dp > 1 and plan.zero == 0:
         buffers += min(DDP_BUCKET_BYTES, states["grads"])  # a bucket holds at most all the gradients
     memory = {**states, "activations": activations, "buffers": buffers}
@@ -160,8 +169,19 @@ def memory_per_gpu(model: ModelSpec, plan: Plan) -> tuple[dict[str, float], int]
     return memories[worst], stages[worst]
 
 
+# Operators a layer dispatches per micro-batch, relative to no recompute: full recompute runs the forward's (about a
+# third of forward + backward) again; selective only the attention core, one fused operator.
+RECOMPUTE_OPS = {"none": 1.0, "selective": 1.0, "full": 4 / 3}
+
+
+def _core_share(cluster: ClusterSpec) -> float:
+    """How many ranks take turns on each core: 1 on GPUs; on a CPU cluster of ``shared_cores``, gpus / cores."""
+    return max(1.0, cluster.gpus / cluster.shared_cores) if cluster.shared_cores else 1.0
+
+
 def _collective(cluster: ClusterSpec, span: int, ring_bytes: float, count: float) -> float:
-    return count * cluster.latency_s + ring_bytes / cluster.busbw(span)
+    # On shared cores a collective is CPU work too (gloo's copies, every hop waiting for its rank's turn on a core).
+    return _core_share(cluster) * (count * cluster.latency_s + ring_bytes / cluster.busbw(span))
 
 
 def _gradient_traffic(model: ModelSpec, cluster: ClusterSpec, plan: Plan, backward_s: float):
@@ -228,9 +248,8 @@ def estimate(model: ModelSpec, cluster: ClusterSpec, plan: Plan, tokens: float |
     layer_forward = 2 * model.layers * sum(parameter_parts(model)["blocks"]) + attention_forward
     extra = {"none": 0, "selective": attention_forward, "full": layer_forward}[plan.recompute]
     hardware_flops = model_flops + step_tokens * extra
-    share = max(1.0, gpus / cluster.shared_cores) if cluster.shared_cores else 1.0
-    compute = share * (hardware_flops / gpus / (cluster.peak_flops * cluster.compute_efficiency)
-                       + model.layers / plan.pp * m * cluster.layer_overhead_s)
+    compute = _core_share(cluster) * (hardware_flops / gpus / (cluster.peak_flops * cluster.compute_efficiency)
+                       + model.layers / plan.pp * m * cluster.layer_overhead_s * RECOMPUTE_OPS[plan.recompute])
     v = plan.chunks if plan.schedule == "interleaved-1f1b" else 1
     bubble = (plan.pp - 1) / (v * m) * compute
     backward = compute * 2 / 3  # backward runs two of the three matmuls of every weight
