@@ -6,43 +6,16 @@ latency and bandwidth)."""
 
 import pytest
 
-from labs_lib.measure.bandwidth import bus_bandwidth
 from labs_lib.planner.accuracy import CONFIGS, MEMORY_KINDS, accuracy_rows
-from labs_lib.planner.calibrate import calibrate, fit_link, local_cluster
+from labs_lib.planner.calibrate import load_calibration
 
 MEMORY_TOLERANCE, TIME_FACTOR = 0.10, 2.0
 
 
 @pytest.fixture(scope="module")
 def calibration():
-    """This machine measured now (links as real jobs, GEMM, the GPT's step): the local preset the tests use."""
-    return calibrate(progress=False)
-
-
-def test_bus_bandwidth_is_nccl_tests_formula():
-    assert bus_bandwidth(10e9, 2) == pytest.approx(10e9)  # 2(n-1)/n = 1
-    assert bus_bandwidth(100e9, 8) == pytest.approx(175e9)
-
-
-def test_link_fit_recovers_latency_and_bandwidth():
-    latency, busbw, world = 50e-6, 2e9, 4
-    rows = [{"bytes": n, "time_s": latency + n * 2 * (world - 1) / world / busbw} for n in (1024, 65536, 2**22)]
-    assert fit_link(rows, world) == pytest.approx((latency, busbw), rel=1e-6)
-
-
-def test_calibration_measures_both_links_and_the_compute(calibration):
-    for name in ("intra_node", "inter_node"):
-        link = calibration["links"][name]
-        assert link["world_size"] == 2 and len(link["rows"]) >= 6
-        assert all(r["time_s"] > 0 and r["busbw"] > 0 for r in link["rows"])
-        assert link["latency_s"] > 0 and link["busbw"] > 0
-        big = link["rows"][-1]  # the fitted line is where the largest message's time is
-        fitted = link["latency_s"] + big["bytes"] / link["busbw"]
-        assert fitted == pytest.approx(big["time_s"], rel=0.5)
-    assert calibration["peak_flops"] == max(r["flops"] for r in calibration["gemm"]) > 1e8
-    assert 0 < calibration["compute_efficiency"] <= 1.5 and calibration["layer_overhead_s"] >= 0
-    cluster = local_cluster(measure_if_missing=False)
-    assert (cluster.name, cluster.gpus, cluster.shared_cores) == ("local", 8, calibration["cores"])
+    """The local preset as tests/test_calibration.py measured it this session (measured now if it did not run)."""
+    return load_calibration(measure_if_missing=True)
 
 
 def test_planner_predicts_memory_and_step_time_of_real_runs(calibration, tmp_path):

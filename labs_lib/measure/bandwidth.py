@@ -4,8 +4,8 @@
     sbatch --nodes=2 slurm/train_gpt.sbatch ...   # via labs_lib.jobs.launch("labs_lib.measure.bandwidth", ...)
 
 For each message size: a few warm-up all-reduces, then ``--iters`` timed ones; the time of a size is the slowest
-rank's median (nccl-tests reports a mean; on CPUs shared with other processes the median keeps a descheduled
-iteration from counting as latency). As in nccl-tests
+rank's mean (an all-reduce ends on every rank only when the last one has its result; the mean, not the median,
+because on CPUs shared with other processes the descheduled iterations are part of what a job pays). As in nccl-tests
 (doc/PERFORMANCE.md): algorithm bandwidth algbw = bytes / time, bus bandwidth busbw = algbw · 2(n − 1)/n, the
 rate each link of a ring all-reduce carries, comparable across rank counts and with a link's data-sheet speed.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -59,20 +58,18 @@ def check_args(argv: list[str], world_size: int) -> int:
 
 
 def time_all_reduce(nbytes: int, iters: int, warmup: int, device: torch.device) -> float:
-    """Seconds per all-reduce of ``nbytes`` (float32): the median of ``iters`` timed ones on each rank (a shared
-    machine's scheduler throws the odd one out by milliseconds), the slowest rank's."""
+    """Seconds per all-reduce of ``nbytes`` (float32), the slowest rank's mean over ``iters``: the mean, as
+    nccl-tests reports it, because a training job pays for the slow iterations too."""
     tensor = torch.ones(max(nbytes // 4, 1), dtype=torch.float32, device=device)
     for _ in range(warmup):
         dist.all_reduce(tensor)
     dist.barrier()
-    times = []
+    start = time.perf_counter()
     for _ in range(iters):
-        start = time.perf_counter()
         dist.all_reduce(tensor)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    seconds = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64, device=device)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     return seconds.item()
 
