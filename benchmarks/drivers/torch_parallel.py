@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from labs_lib.core.config import GPTConfig, TrainConfig, get_profile, override, validate
+from labs_lib.core.config import GPTConfig, TrainConfig, get_profile, override, parse_job_args, validate
 from labs_lib.core.dist import cleanup, init_distributed
 from labs_lib.data.text import TokenBatches, prepare_data
 from labs_lib.models.gpt import GPT
 from labs_lib.parallel.pipeline import check_pipeline
 from labs_lib.parallel.tensor_parallel import check_tensor_parallel, shard_tensor
-from labs_lib.train.cli import add_model_args, add_run_args, model_config_from_args, parse_job_args
+from labs_lib.train.cli import add_model_args, add_run_args, model_config_from_args
 from labs_lib.train.loop import Loop, run_loop
 from labs_lib.train.optim import make_optimizer, param_groups
 

@@ -12,6 +12,7 @@ The profile comes from ``LABS_PROFILE``; without it, ``gpu`` when CUDA is presen
 
 from __future__ import annotations
 
+import argparse
 import copy
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -255,3 +256,11 @@ def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: Paral
                  f"pp={p.pp}: drop --tp/--pp, or use --zero-stage 0 with tensor/pipeline parallelism")
             need(world_size > 1, f"--zero-stage {train.zero_stage} shards over the data-parallel ranks, and this "
                                  "run has one: launch 2 or more (torchrun --nproc-per-node=2), or use --zero-stage 0")
+
+
+def parse_job_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args`` for a pre-launch check: a bad flag is a ValueError naming it, not a SystemExit."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as e:
+        raise ValueError(f"bad arguments for {parser.prog}: {' '.join(argv)} (see {parser.prog} --help)") from e

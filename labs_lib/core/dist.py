@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from labs_lib.core.config import parse_job_args
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -164,10 +166,7 @@ def build_parser():
 
 def check_args(argv: list[str], world_size: int) -> None:
     """The pre-launch check (labs_lib.jobs.launch): the flags parse and a backend named is usable here."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:
-        raise ValueError(f"bad arguments for python -m labs_lib.core.dist: {' '.join(argv)}") from e
+    args = parse_job_args(build_parser(), argv)
     if args.backend == "nccl" and not torch.cuda.is_available():
         raise ValueError("--backend nccl needs CUDA GPUs: drop --backend (gloo on CPU)")
     if world_size < 1:

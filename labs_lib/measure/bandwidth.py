@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from labs_lib.core.config import parse_job_args
 from labs_lib.core.dist import cleanup, init_distributed, print0
 from labs_lib.core.runs import append_metrics, write_json
 
@@ -46,10 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(argv: list[str], world_size: int) -> int:
     """The pre-launch check (labs_lib.jobs.launch): returns the number of records the job writes."""
-    try:
-        a = build_parser().parse_args(argv)
-    except SystemExit as e:
-        raise ValueError(f"bad arguments for python -m labs_lib.measure.bandwidth: {' '.join(argv)}") from e
+    a = parse_job_args(build_parser(), argv)
     if world_size < 2:
         raise ValueError("an all-reduce bandwidth needs at least 2 ranks: launch it with 2 or more")
     if a.iters < 1 or min(a.sizes) < 4:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from labs_lib.core.config import GPTConfig
+from labs_lib.core.config import GPTConfig, parse_job_args
 from labs_lib.core.dist import cleanup, init_distributed
 from labs_lib.core.runs import append_metrics, write_json
 from labs_lib.measure.flops import measure_matmul_flops
@@ -42,10 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(argv: list[str], world_size: int) -> int:
     """The pre-launch check (labs_lib.jobs.launch): returns the number of records the job writes."""
-    try:
-        a = build_parser().parse_args(argv)
-    except SystemExit as e:
-        raise ValueError(f"bad arguments for python -m labs_lib.measure.compute: {' '.join(argv)}") from e
+    a = parse_job_args(build_parser(), argv)
     if min(a.gemm_sizes) < 16 or min(a.micro_batches) < 1:
         raise ValueError("--gemm-sizes must be >= 16 and --micro-batches >= 1")
     if a.n_embd % a.n_head:

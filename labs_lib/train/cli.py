@@ -21,6 +21,7 @@ from labs_lib.core.config import (
     get_profile,
     override,
     padded_vocab,
+    parse_job_args,
 )
 from labs_lib.parallel.mesh import check_layout
 from labs_lib.parallel.pipeline import SCHEDULES
@@ -65,14 +66,6 @@ def add_run_args(parser: argparse.ArgumentParser, resume: bool = True) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     if resume:
         parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-
-
-def parse_job_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
-    """``parser.parse_args`` for a pre-launch check: a bad flag is a ValueError naming it, not a SystemExit."""
-    try:
-        return parser.parse_args(argv)
-    except SystemExit as e:
-        raise ValueError(f"bad arguments for {parser.prog}: {' '.join(argv)} (see {parser.prog} --help)") from e
 
 
 def world_size_from_env() -> int:

@@ -35,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-from labs_lib.core.config import GPTConfig, TrainConfig, get_profile, override, validate
+from labs_lib.core.config import GPTConfig, TrainConfig, get_profile, override, parse_job_args, validate
 from labs_lib.core.runs import write_json
 from labs_lib.estimates.parallel import bubble_fraction
 from labs_lib.parallel.pipeline import SCHEDULES, check_pipeline
-from labs_lib.train.cli import add_model_args, add_run_args, model_config_from_args, parse_job_args
+from labs_lib.train.cli import add_model_args, add_run_args, model_config_from_args
 from labs_lib.train.loop import Loop, run_loop
 from labs_lib.train.optim import make_optimizer, param_groups
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from labs_lib.core import checkpoint
-from labs_lib.core.config import GPTConfig, TrainConfig, get_profile, override, validate
+from labs_lib.core.config import GPTConfig, TrainConfig, get_profile, override, parse_job_args, validate
 from labs_lib.core.dist import DistInfo, all_reduce_mean, cleanup, print0
 from labs_lib.core.runs import truncate_metrics, write_json
 from labs_lib.data.text import TokenBatches, eval_batches, prepare_data
@@ -48,7 +48,6 @@ from labs_lib.train.cli import (
     add_training_args,
     device_type,
     model_config_from_args,
-    parse_job_args,
     world_size_from_env,
 )
 from labs_lib.train.deepspeed.config import check_ds_config, load_ds_config, resolve_ds_config, zero_stage

@@ -32,13 +32,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from labs_lib.core.config import ZERO_STAGES
+from labs_lib.core.config import ZERO_STAGES, parse_job_args
 from labs_lib.core.dist import DistInfo, all_reduce_mean, cleanup, print0
 from labs_lib.core.runs import truncate_metrics, write_json
 from labs_lib.data.digits import DigitsData, ShardedLoader, load_digits_split
 from labs_lib.measure.memory import deepspeed_held_bytes, gather_per_rank
 from labs_lib.models.vit import ViT, ViTConfig, vit_flops_per_image, vit_profile
-from labs_lib.train.cli import add_run_args, device_type, parse_job_args, world_size_from_env
+from labs_lib.train.cli import add_run_args, device_type, world_size_from_env
 from labs_lib.train.deepspeed.config import CONFIG_DIR, check_ds_config, load_ds_config, resolve_ds_config, zero_stage
 from labs_lib.train.loop import Loop, run_loop
 from labs_lib.train.optim import param_groups
