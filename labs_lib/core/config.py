@@ -264,3 +264,8 @@ def parse_job_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse
         return parser.parse_args(argv)
     except SystemExit as e:
         raise ValueError(f"bad arguments for {parser.prog}: {' '.join(argv)} (see {parser.prog} --help)") from e
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n``, ascending: what the layout checks offer as sizes that would work."""
+    return [d for d in range(1, n + 1) if n % d == 0]

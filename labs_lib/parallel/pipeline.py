@@ -51,6 +51,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from labs_lib.core.config import divisors
 from labs_lib.measure.memory import ActivationMeter
 from labs_lib.models.gpt import GPT
 from labs_lib.parallel.comms import group_size
@@ -59,10 +60,6 @@ __all__ = ["SCHEDULES", "check_pipeline", "GPTStage", "partition_gpt", "gpt_loss
            "PipelineSchedule", "GPipe", "OneFOneB", "Interleaved1F1B", "make_schedule"]
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def check_pipeline(n_layer: int, pp: int, batch_size: int, micro_batches: int, schedule: str = "1f1b",
@@ -88,10 +85,10 @@ def check_pipeline(n_layer: int, pp: int, batch_size: int, micro_batches: int, s
     if n_layer % (pp * chunks):
         what = "pp" if chunks == 1 else f"pp*chunks={pp * chunks}"
         raise ValueError(f"n_layer={n_layer} is not divisible by {what}: choose pp among the divisors of n_layer "
-                         f"{_divisors(n_layer)}" + ("" if chunks == 1 else " and chunks so that pp*chunks divides it"))
+                         f"{divisors(n_layer)}" + ("" if chunks == 1 else " and chunks so that pp*chunks divides it"))
     if batch_size % micro_batches:
         raise ValueError(f"batch size {batch_size} is not divisible by micro_batches={micro_batches}: choose "
-                         f"--micro-batches among the divisors of the batch size {_divisors(batch_size)}")
+                         f"--micro-batches among the divisors of the batch size {divisors(batch_size)}")
     if schedule == "1f1b" and micro_batches < pp:
         raise ValueError(f"1F1B needs at least as many micro-batches as stages, got micro_batches={micro_batches} < "
                          f"pp={pp}: raise --micro-batches to at least {pp} or use --schedule gpipe")
@@ -116,7 +113,7 @@ class GPTStage(nn.Module):
         if n_layer % num_stages:
             what = "pp" if chunks == 1 else f"pp*chunks={num_stages}"
             raise ValueError(f"n_layer={n_layer} is not divisible by {what}: choose pp among the divisors of "
-                             f"n_layer {_divisors(n_layer)}")
+                             f"n_layer {divisors(n_layer)}")
         if not (0 <= pp_rank < pp_size and 0 <= chunk < chunks):
             raise ValueError(f"pp_rank={pp_rank}, chunk={chunk} is outside a pipeline of {pp_size} ranks x {chunks} "
                              "chunks")

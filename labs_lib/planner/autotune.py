@@ -19,7 +19,7 @@ import itertools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from labs_lib.core.config import GPTConfig
+from labs_lib.core.config import GPTConfig, divisors
 from labs_lib.jobs.process import LaunchError
 from labs_lib.jobs.slurm import JobFailed
 from labs_lib.measure.throughput import steady_median
@@ -28,24 +28,20 @@ from labs_lib.planner.plan import ClusterSpec, Estimate, ModelSpec, Plan, check_
 RECOMPUTE = ("none", "selective", "full")
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def candidate_plans(model: ModelSpec, cluster: ClusterSpec, global_batch: int, precision: str = "fp32",
                     micro_batches: tuple[int, ...] | None = None, recompute: tuple[str, ...] = RECOMPUTE) -> list[Plan]:
     """Every plan over all of ``cluster``'s GPUs that labs_lib's trainer runs and the planner accepts: dp × tp × pp
     = gpus, ZeRO 0-3 on pure data parallelism (ZeRO by hand is data-parallel only), sequence parallelism with
     tp > 1, each micro-batch size dividing the per-replica batch, each recompute mode."""
     plans = []
-    for tp, pp in itertools.product(_divisors(cluster.gpus), repeat=2):
+    for tp, pp in itertools.product(divisors(cluster.gpus), repeat=2):
         if cluster.gpus % (tp * pp):
             continue
         dp = cluster.gpus // (tp * pp)
         if global_batch % dp:
             continue
         per_replica = global_batch // dp
-        for mb in micro_batches or _divisors(per_replica):
+        for mb in micro_batches or divisors(per_replica):
             if per_replica % mb:
                 continue
             for zero, sp, mode in itertools.product((0, 1, 2, 3) if tp * pp == 1 else (0,),

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from labs_lib.core.config import CHECKPOINT_MODES, DTYPES, ZERO_STAGES
+from labs_lib.core.config import CHECKPOINT_MODES, DTYPES, ZERO_STAGES, divisors
 from labs_lib.estimates.activations import (
     labs_activation_bytes,
     labs_head_activation_bytes,
@@ -95,7 +95,7 @@ def check_plan(model: ModelSpec, cluster: ClusterSpec, plan: Plan) -> None:
     bad = [f"{k}={v}" for k, v in sizes.items() if not isinstance(v, int) or v < 1]
     need(not bad, f"{', '.join(bad)}: these must be positive integers")
     need(model.heads % plan.tp == 0, f"tp={plan.tp} does not divide heads={model.heads}: choose tp among "
-         f"{_divisors(model.heads)}")
+         f"{divisors(model.heads)}")
     layout = plan.dp * plan.tp * plan.pp
     need(layout == cluster.gpus, f"dp·tp·pp = {plan.dp}·{plan.tp}·{plan.pp} = {layout} but the cluster has "
          f"{cluster.gpus} GPUs: " + (f"set --dp {cluster.gpus // (plan.tp * plan.pp)}"
@@ -113,7 +113,7 @@ def check_plan(model: ModelSpec, cluster: ClusterSpec, plan: Plan) -> None:
     need(not plan.sequence_parallel or plan.tp > 1, "sequence parallelism splits along the tensor-parallel group: "
          "use it with --tp 2 or more")
     need(not plan.sequence_parallel or model.seq % plan.tp == 0, f"sequence parallelism splits seq={model.seq} "
-         f"{plan.tp} ways: choose tp among {_divisors(model.seq)} or a sequence divisible by tp")
+         f"{plan.tp} ways: choose tp among {divisors(model.seq)} or a sequence divisible by tp")
     per_step = plan.dp * plan.micro_batch
     need(plan.global_batch % per_step == 0, f"global batch {plan.global_batch} is not divisible by dp·micro_batch "
          f"= {per_step}: use a multiple of it, e.g. --global-batch {per_step * max(1, plan.global_batch // per_step)}")
@@ -123,10 +123,6 @@ def check_plan(model: ModelSpec, cluster: ClusterSpec, plan: Plan) -> None:
     except ValueError as e:
         raise ValueError(f"{e} (here the micro-batches per step are --global-batch / (dp · --micro-batch) = "
                          f"{m})") from None
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _activation_bytes(model: ModelSpec, plan: Plan, recompute: str) -> float:
