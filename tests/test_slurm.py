@@ -89,6 +89,19 @@ def test_allreduce_two_nodes(cluster):
     assert job.state == "COMPLETED"
 
 
+def test_ranks_on_simulated_nodes_share_the_hosts_cores(cluster, tmp_path):
+    """The two simulated nodes are one host: a job of 2 nodes x 1 rank must split its cores, not run 2 threads
+    per rank on 2 cores (each node's LOCAL_WORLD_SIZE is 1; oversubscribed, steps ran ~2x slower)."""
+    from labs_lib.core.runs import read_json
+    from labs_lib.jobs.launch import launch
+
+    launch("labs_lib.core.dist", [], tmp_path / "ar", nodes=2, nproc_per_node=1, progress=False, timeout_s=120)
+    ranks = read_json(tmp_path / "ar" / "allreduce.json")["ranks"]
+    assert {r["node"] for r in ranks} == {"node1", "node2"}
+    assert all(r["threads"] >= 1 for r in ranks)
+    assert sum(r["threads"] for r in ranks) <= max(len(os.sched_getaffinity(0)), len(ranks)), ranks
+
+
 def test_failing_job_raises_with_log_tail_and_first_error(cluster, tmp_path):
     body = ('echo "ValueError: bad batch size on $SLURMD_NODENAME"\n'
             'for i in $(seq 30); do echo "launcher noise $i"; done\n'

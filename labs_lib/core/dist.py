@@ -17,6 +17,7 @@ import builtins
 import datetime
 import logging
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -77,7 +78,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300) -> Dist
 
     The backend is NCCL when CUDA is available, else gloo. Each process binds to GPU ``LOCAL_RANK``. A single
     process joins a group of one only when ``backend`` is named (to exercise NCCL on a one-GPU machine).
-    CPU threads are split between the processes on a node so that they do not oversubscribe the cores.
+    CPU threads are split between the processes on a host so that they do not oversubscribe its cores
+    (:func:`_share_cores`), unless ``OMP_NUM_THREADS`` says otherwise.
     """
     global _info
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
@@ -92,8 +94,6 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300) -> Dist
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
 
     if (world_size > 1 or backend) and not dist.is_initialized():
         backend = backend or ("nccl" if device.type == "cuda" else "gloo")
@@ -103,8 +103,25 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300) -> Dist
                                 world_size=world_size, device_id=device if backend == "nccl" else None)
     elif world_size == 1 and not dist.is_initialized():
         backend = None
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        _share_cores(_ranks_on_this_host() if dist.is_initialized() else local_world_size)
     _info = DistInfo(rank, world_size, local_rank, local_world_size, backend, device)
     return _info
+
+
+def _ranks_on_this_host() -> int:
+    """How many ranks of the job run on this machine: the local cluster's simulated nodes are one host, so a job of
+    2 nodes x 1 rank has 2 processes on its cores though each node's LOCAL_WORLD_SIZE is 1."""
+    hosts = [None] * dist.get_world_size()
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts.count(socket.gethostname())
+
+
+def _share_cores(processes: int) -> None:
+    """One equal share of this process's cores per process on the host (2 ranks on 2 cores: one thread each;
+    oversubscribed, every matmul and every gloo hop waits for a core)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // max(processes, 1)))
 
 
 def cleanup() -> None:
@@ -159,7 +176,8 @@ def build_parser():
                                 description="All-reduce check: every rank contributes rank+1; all must see "
                                             "world*(world+1)/2.")
     p.add_argument("--backend", choices=("nccl", "gloo"), help="force a backend (also for a single process)")
-    p.add_argument("--out", help="folder for allreduce.json: the sum, the expected sum and every rank's host")
+    p.add_argument("--out", help="folder for allreduce.json: the sum, the expected sum, every rank's host "
+                                           "and threads")
     p.add_argument("--no-progress", action="store_true", help="accepted like every job module's (no bar here)")
     return p
 
@@ -183,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         dist.all_reduce(t)
     expected = info.world_size * (info.world_size + 1) / 2
     me = {"rank": info.rank, "host": socket.gethostname(), "node": os.environ.get("SLURMD_NODENAME", "-"),
-          "backend": info.backend, "device": str(info.device), "sum": t.item()}
+          "backend": info.backend, "device": str(info.device), "threads": torch.get_num_threads(), "sum": t.item()}
     print_all(f"host={me['host']} node={me['node']} backend={info.backend} device={info.device} "
               f"all_reduce(sum of rank+1)={t.item():g} expected={expected:g}")
     ranks = [None] * info.world_size
