@@ -32,6 +32,13 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
+    # Mixture of experts (labs_lib.models.moe): 0 experts is the dense GPT; else every moe_every-th block's MLP is
+    # an MoE layer of n_experts experts, each token routed to moe_top_k of them.
+    n_experts: int = 0
+    moe_every: int = 2
+    moe_top_k: int = 1
+    moe_capacity_factor: float | None = 1.25
+    moe_noise: str = "none"
 
     @classmethod
     def preset(cls, name: str) -> GPTConfig:
@@ -39,6 +46,10 @@ class GPTConfig:
         if name not in MODEL_PRESETS:
             raise ValueError(f"unknown model preset {name!r}: choose one of {', '.join(MODEL_PRESETS)}")
         return cls(**MODEL_PRESETS[name])
+
+    def is_moe_block(self, layer: int) -> bool:
+        """Whether block ``layer`` (0-based) has an MoE MLP: every moe_every-th, counted from 1 (GShard, Switch)."""
+        return self.n_experts > 0 and (layer + 1) % self.moe_every == 0
 
     @property
     def head_dim(self) -> int:
@@ -185,6 +196,24 @@ def override(config, **changes):
     return replace(config, **{k: v for k, v in changes.items() if v is not None})
 
 
+NOISE_POLICIES = ("none", "jitter", "rsample")  # router noise: none, Switch's input jitter, DeepSpeed's RSample
+
+
+def check_moe(n_experts: int, top_k: int, capacity_factor: float | None, noise: str, ep: int = 1) -> None:
+    """Every bad MoE setting, as a ValueError naming the fix (called before any process starts)."""
+    if n_experts < 1:
+        raise ValueError(f"n_experts must be >= 1, got {n_experts}")
+    if not 1 <= top_k <= n_experts:
+        raise ValueError(f"top_k must be between 1 and n_experts ({n_experts}), got {top_k}: lower top_k")
+    if capacity_factor is not None and capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0 (or None for no drops), got {capacity_factor}")
+    if noise not in NOISE_POLICIES:
+        raise ValueError(f"noise must be one of {', '.join(NOISE_POLICIES)}, got {noise!r}")
+    if ep < 1 or n_experts % ep:
+        raise ValueError(f"{n_experts} experts cannot be spread over an expert-parallel size of {ep}: choose an "
+                         f"expert-parallel size that divides {n_experts}")
+
+
 def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: ParallelConfig | None = None,
              world_size: int = 1, device_type: str = "cpu") -> None:
     """Raise ``ValueError`` naming the fix for the first invalid setting found. Call before spawning."""
@@ -199,6 +228,10 @@ def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: Paral
          f"n_embd={model.n_embd} is not divisible by n_head={model.n_head}: choose n_embd as a multiple of "
          f"n_head (e.g. n_embd={model.n_head * max(model.n_embd // model.n_head, 1)})")
     need(0.0 <= model.dropout < 1.0, f"dropout must lie in [0, 1), got {model.dropout}")
+    if model.n_experts:
+        need(1 <= model.moe_every <= model.n_layer,
+             f"moe_every={model.moe_every} must lie between 1 and n_layer={model.n_layer}, or no block is an MoE one")
+        check_moe(model.n_experts, model.moe_top_k, model.moe_capacity_factor, model.moe_noise)
 
     if train is not None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_iters", "keep_checkpoints", "tokenizer_vocab"):
@@ -250,6 +283,9 @@ def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: Paral
              f"{p.tp} (e.g. {padded_vocab(model.vocab_size, 64 * p.tp)})")
         need(model.n_layer % p.pp == 0,
              f"n_layer={model.n_layer} is not divisible by pp={p.pp}: choose pp among the divisors of n_layer")
+        need(not model.n_experts or p.tp == 1,
+             f"tensor parallelism of MoE blocks is not built (tp={p.tp}, {model.n_experts} experts): use tp=1; "
+             "expert parallelism (labs_lib.parallel.experts) spreads the experts over the ranks instead")
         if train is not None and train.zero_stage:
             need(p.tp * p.pp == 1,
                  f"--zero-stage {train.zero_stage} (ZeRO by hand) runs on plain data parallelism, but tp={p.tp} "

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from labs_lib.core.config import GPTConfig
+from labs_lib.models.moe import MoEMLP
 
 __all__ = ["GPTConfig", "CausalSelfAttention", "MLP", "Block", "GPT"]
 
@@ -58,14 +59,16 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)); the MLP of an MoE block
+    (``config.is_moe_block(layer)``) is a mixture of experts."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp = MoEMLP(config.n_embd, config.n_experts, config.moe_top_k, config.moe_capacity_factor,
+                          config.moe_noise, bias=config.bias) if config.is_moe_block(layer) else MLP(config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -79,7 +82,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: one matrix reads and writes tokens
@@ -97,8 +100,14 @@ class GPT(nn.Module):
                 nn.init.ones_(module.weight)
         # Each block adds two projections to the residual stream: scale them so its variance stays put with depth.
         for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp.proj):
-                nn.init.normal_(proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            mlp_out = block.mlp.experts.proj if isinstance(block.mlp, MoEMLP) else block.mlp.proj.weight
+            for weight in (block.attn.proj.weight, mlp_out):
+                nn.init.normal_(weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            if isinstance(block.mlp, MoEMLP):
+                nn.init.normal_(block.mlp.experts.fc, mean=0.0, std=0.02)
+                for bias in (block.mlp.experts.fc_bias, block.mlp.experts.proj_bias):
+                    if bias is not None:
+                        nn.init.zeros_(bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """``idx`` (B, T) token ids → (logits (B, T, vocab), loss or None).
@@ -118,6 +127,19 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
+    def moe_layers(self) -> list[MoEMLP]:
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoEMLP)]
+
+    def moe_aux_loss(self) -> torch.Tensor:
+        """The sum of the MoE layers' load-balancing losses of the last forward (0 for a dense GPT)."""
+        return sum((m.aux_loss for m in self.moe_layers()), torch.zeros(()))
+
+    def active_params(self, non_embedding: bool = True) -> int:
+        """Parameters one token uses: all but the experts it is not routed to (top_k of each layer's experts)."""
+        unused = sum((m.n_experts - m.top_k) * sum(p[0].numel() for p in m.experts.parameters())
+                     for m in self.moe_layers())
+        return self.num_params(non_embedding) - unused
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, the tied token embedding / lm_head counted once.
 
@@ -130,10 +152,11 @@ class GPT(nn.Module):
         """Training FLOPs per token, forward + backward: 6N + 12·L·h·s (PaLM, appendix B).
 
         6N: every parameter takes part in one multiply-add forward (2 FLOPs) and two backward (4 FLOPs); N leaves
-        out the position embedding (a lookup, no matmul). 12·L·h·s: attention scores and weighted values, which have
+        out the position embedding (a lookup, no matmul) and, in MoE layers, the experts a token is not routed to
+        (:meth:`active_params`). 12·L·h·s: attention scores and weighted values, which have
         no parameters. s defaults to block_size."""
         s = seq_len or self.config.block_size
-        return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * self.config.n_embd * s
+        return 6 * self.active_params() + 12 * self.config.n_layer * self.config.n_embd * s
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

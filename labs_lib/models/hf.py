@@ -68,6 +68,10 @@ def to_hf(model: GPT, eos_token_id: int | None = None, attn_implementation: str 
     """A ``transformers`` GPT2LMHeadModel with ``model``'s weights (copied), in ``model``'s train/eval mode."""
     from transformers import GPT2LMHeadModel
 
+    if model.config.n_experts:
+        raise ValueError(f"GPT-2's format has no mixture-of-experts layers and this GPT has {model.config.n_experts} "
+                         "experts per MoE block: export a dense GPT (n_experts=0)")
+
     hf_config = _hf_config(model.config, eos_token_id)
     hf_config._attn_implementation = attn_implementation
     hf = GPT2LMHeadModel(hf_config)

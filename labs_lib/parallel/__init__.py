@@ -12,4 +12,5 @@ pipeline.py             stage partitioning, GPipe, 1F1B and interleaved 1F1B sch
 mesh.py                 DP x TP x PP process groups, and every check of a layout (check_layout)
 parallel3d.py           the GPT on that mesh: TP, then pipeline stages, then DP (``labs_lib.train --tp/--pp``)
 recompute.py            activation checkpointing, full or selective
+experts.py              expert parallelism: an MoE layer's experts over ranks, all-to-all dispatch and combine
 """
