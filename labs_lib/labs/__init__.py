@@ -13,4 +13,6 @@ lab05.py    05 pipeline parallelism: timeline jobs (labs_lib.train.pipeline_job 
 lab06.py    06 DeepSpeed beyond NLP: the ViT job (labs_lib.train.deepspeed.vit) and its results
 lab07.py    07 auto-tuning: GPT-3 on paper, this machine calibrated, the planner against real runs, plans under a
             memory cap, our autotuner and DeepSpeed's (labs_lib.planner)
+lab08.py    08 mixture of experts: the routing exercises and their checks, tokens dropped against capacity
+            (labs_lib.models.moe, labs_lib.parallel.experts)
 """
