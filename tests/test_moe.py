@@ -158,9 +158,28 @@ def test_bad_moe_gpt_configs_fail_before_anything_runs(changes, message):
         validate(GPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=32, **changes))
 
 
-def test_tensor_parallel_moe_is_refused_naming_the_fix():
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2)])
+def test_tensor_or_pipeline_parallel_moe_is_refused_naming_the_fix(layout):
     from labs_lib.core.config import GPTConfig, ParallelConfig, validate
 
     cfg = GPTConfig(vocab_size=64, block_size=16, n_layer=4, n_head=2, n_embd=32, n_experts=4)
-    with pytest.raises(ValueError, match="use tp=1"):
-        validate(cfg, parallel=ParallelConfig(tp=2), world_size=2)
+    with pytest.raises(ValueError, match="use tp=1 pp=1"):
+        validate(cfg, parallel=ParallelConfig(**layout), world_size=2)
+
+
+@pytest.mark.slow
+def test_moe_gpt_under_ddp_matches_one_process(tmp_path, ci_data):
+    """2 ranks x batch 4 = 1 rank x batch 8 for an MoE GPT when nothing is dropped (capacity 4 x the fair share
+    holds every token) and the balancing loss is off (E·Σ f·P of each half is not half of the whole's; the
+    z-loss is a mean over tokens, so it averages exactly)."""
+    from labs_lib.core.runs import read_metrics
+
+    from conftest import run_train
+
+    moe = dict(n_experts=4, moe_top_k=2, moe_capacity_factor=4.0, moe_aux_coef=0.0, max_steps=5, warmup_steps=1,
+               eval_interval=0, checkpoint_interval=0)
+    run_train(tmp_path / "one", batch_size=8, **moe)
+    run_train(tmp_path / "ddp", nproc=2, batch_size=4, **moe)
+    one, ddp = ([r["loss"] for r in read_metrics(tmp_path / name)] for name in ("one", "ddp"))
+    torch.testing.assert_close(torch.tensor(ddp), torch.tensor(one), rtol=1e-5, atol=1e-5)
+    assert one[-1] < one[0]

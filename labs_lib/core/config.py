@@ -33,12 +33,15 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     # Mixture of experts (labs_lib.models.moe): 0 experts is the dense GPT; else every moe_every-th block's MLP is
-    # an MoE layer of n_experts experts, each token routed to moe_top_k of them.
+    # an MoE layer of n_experts experts, each token routed to moe_top_k of them. In training the loss adds
+    # moe_aux_coef x the load-balancing losses (Switch's 0.01) and moe_z_coef x the router z-losses (ST-MoE's 0.001).
     n_experts: int = 0
     moe_every: int = 2
     moe_top_k: int = 1
     moe_capacity_factor: float | None = 1.25
     moe_noise: str = "none"
+    moe_aux_coef: float = 0.01
+    moe_z_coef: float = 0.001
 
     @classmethod
     def preset(cls, name: str) -> GPTConfig:
@@ -232,6 +235,8 @@ def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: Paral
         need(1 <= model.moe_every <= model.n_layer,
              f"moe_every={model.moe_every} must lie between 1 and n_layer={model.n_layer}, or no block is an MoE one")
         check_moe(model.n_experts, model.moe_top_k, model.moe_capacity_factor, model.moe_noise)
+        need(model.moe_aux_coef >= 0 and model.moe_z_coef >= 0,
+             f"moe_aux_coef and moe_z_coef must be >= 0, got {model.moe_aux_coef} and {model.moe_z_coef}")
 
     if train is not None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_iters", "keep_checkpoints", "tokenizer_vocab"):
@@ -283,9 +288,10 @@ def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: Paral
              f"{p.tp} (e.g. {padded_vocab(model.vocab_size, 64 * p.tp)})")
         need(model.n_layer % p.pp == 0,
              f"n_layer={model.n_layer} is not divisible by pp={p.pp}: choose pp among the divisors of n_layer")
-        need(not model.n_experts or p.tp == 1,
-             f"tensor parallelism of MoE blocks is not built (tp={p.tp}, {model.n_experts} experts): use tp=1; "
-             "expert parallelism (labs_lib.parallel.experts) spreads the experts over the ranks instead")
+        need(not model.n_experts or p.tp * p.pp == 1,
+             f"tensor and pipeline parallelism of MoE GPTs are not built (tp={p.tp} pp={p.pp}, {model.n_experts} "
+             "experts): use tp=1 pp=1 (data parallel or ZeRO); expert parallelism (labs_lib.parallel.experts) "
+             "spreads the experts over the ranks instead")
         if train is not None and train.zero_stage:
             need(p.tp * p.pp == 1,
                  f"--zero-stage {train.zero_stage} (ZeRO by hand) runs on plain data parallelism, but tp={p.tp} "

@@ -110,7 +110,8 @@ class GPT(nn.Module):
                         nn.init.zeros_(bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """``idx`` (B, T) token ids → (logits (B, T, vocab), loss or None).
+        """``idx`` (B, T) token ids → (logits (B, T, vocab), loss or None). An MoE GPT in training mode adds its
+        routers' load-balancing and z losses to the loss (``moe_aux_coef``, ``moe_z_coef``), as Mixtral's does.
 
         ``targets`` are already shifted (``targets[:, t]`` is the token after ``idx[:, t]``); -100 is ignored."""
         T = idx.size(1)
@@ -125,6 +126,9 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            if self.training and self.config.n_experts:  # the routers' losses train them; evaluation is the LM's
+                loss = loss + self.config.moe_aux_coef * self.moe_aux_loss() + self.config.moe_z_coef * sum(
+                    m.z_loss for m in self.moe_layers())
         return logits, loss
 
     def moe_layers(self) -> list[MoEMLP]:

@@ -28,7 +28,9 @@ from labs_lib.parallel.pipeline import SCHEDULES
 
 GPT_TRAINER = "Train the workshop GPT: one process, several with torchrun, or many nodes through Slurm."
 
-MODEL_FLAGS = {"n_layer": int, "n_head": int, "n_embd": int, "block_size": int, "dropout": float}
+MODEL_FLAGS = {"n_layer": int, "n_head": int, "n_embd": int, "block_size": int, "dropout": float,
+               "n_experts": int, "moe_every": int, "moe_top_k": int, "moe_capacity_factor": float,
+               "moe_noise": str, "moe_aux_coef": float, "moe_z_coef": float}
 TRAINING_FLAGS = {"max_steps": int, "lr_decay_steps": int, "batch_size": int, "grad_accum": int, "lr": float,
                   "min_lr": float, "warmup_steps": int, "weight_decay": float, "grad_clip": float,
                   "eval_interval": int, "eval_iters": int, "checkpoint_interval": int, "keep_checkpoints": int,
