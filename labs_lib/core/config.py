@@ -217,14 +217,8 @@ def check_moe(n_experts: int, top_k: int, capacity_factor: float | None, noise: 
                          f"expert-parallel size that divides {n_experts}")
 
 
-def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: ParallelConfig | None = None,
-             world_size: int = 1, device_type: str = "cpu") -> None:
-    """Raise ``ValueError`` naming the fix for the first invalid setting found. Call before spawning."""
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ValueError(message)
-
+def _check_model(model: GPTConfig, need) -> None:
+    """The model's own settings (shape, dropout, mixture of experts), for :func:`validate`."""
     for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
         need(getattr(model, name) >= 1, f"model.{name} must be a positive integer, got {getattr(model, name)}")
     need(model.n_embd % model.n_head == 0,
@@ -237,6 +231,17 @@ def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: Paral
         check_moe(model.n_experts, model.moe_top_k, model.moe_capacity_factor, model.moe_noise)
         need(model.moe_aux_coef >= 0 and model.moe_z_coef >= 0,
              f"moe_aux_coef and moe_z_coef must be >= 0, got {model.moe_aux_coef} and {model.moe_z_coef}")
+
+
+def validate(model: GPTConfig, train: TrainConfig | None = None, parallel: ParallelConfig | None = None,
+             world_size: int = 1, device_type: str = "cpu") -> None:
+    """Raise ``ValueError`` naming the fix for the first invalid setting found. Call before spawning."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(message)
+
+    _check_model(model, need)
 
     if train is not None:
         for name in ("batch_size", "grad_accum", "max_steps", "eval_iters", "keep_checkpoints", "tokenizer_vocab"):
