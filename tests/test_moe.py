@@ -183,3 +183,45 @@ def test_moe_gpt_under_ddp_matches_one_process(tmp_path, ci_data):
     one, ddp = ([r["loss"] for r in read_metrics(tmp_path / name)] for name in ("one", "ddp"))
     torch.testing.assert_close(torch.tensor(ddp), torch.tensor(one), rtol=1e-5, atol=1e-5)
     assert one[-1] < one[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, ep", [(2, 2), (4, 2)])
+def test_expert_parallel_training_matches_ddp(tmp_path, ci_data, world, ep):
+    """The same MoE GPT trained by DDP (every rank holds every expert) and with the experts spread over ep ranks:
+    the same losses, with drops and the balancing loss on (each rank routes its own tokens either way), and the
+    same single-device weights in the checkpoint; the expert-parallel run resumes from it."""
+    from labs_lib.core import checkpoint
+    from labs_lib.core.runs import read_metrics
+
+    from conftest import run_train
+
+    moe = dict(n_experts=4, moe_top_k=2, moe_capacity_factor=1.0, max_steps=4, warmup_steps=1, eval_interval=0,
+               checkpoint_interval=2, batch_size=2, grad_clip=0.5)
+    run_train(tmp_path / "ddp", nproc=world, **moe)
+    run_train(tmp_path / "ep", nproc=world, ep=ep, **moe)
+    ddp, exp = ([r["loss"] for r in read_metrics(tmp_path / name)] for name in ("ddp", "ep"))
+    torch.testing.assert_close(torch.tensor(exp), torch.tensor(ddp), rtol=1e-5, atol=1e-5)
+    weights = [checkpoint.load_model_state(checkpoint.latest_checkpoint(tmp_path / name / "checkpoints"))
+               for name in ("ddp", "ep")]
+    assert weights[0].keys() == weights[1].keys()
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-5, msg=key)
+    if world == 2:
+        run_train(tmp_path / "ep", nproc=world, ep=ep, resume=True, **{**moe, "max_steps": 6})
+        assert [r["step"] for r in read_metrics(tmp_path / "ep")] == list(range(1, 7))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(ep=2), "this GPT has none"),
+    (dict(ep=3, n_experts=6), "must divide the 2 data-parallel ranks"),
+    (dict(ep=2, n_experts=3), "3 experts cannot be spread over --ep 2"),
+    (dict(ep=2, n_experts=4, zero_stage=2), "drop --zero-stage"),
+])
+def test_bad_expert_parallel_layouts_fail_before_launch(tmp_path, changes, message):
+    from labs_lib.jobs.launch import launch, settings_args
+
+    with pytest.raises(ValueError, match=message):
+        launch("labs_lib.train.gpt", settings_args("ci", **changes), tmp_path / "bad", nodes=1, nproc_per_node=2,
+               progress=False)
+    assert not (tmp_path / "bad").exists()

@@ -121,6 +121,7 @@ class ParallelConfig:
     micro_batches: int = 1  # pipeline micro-batches per batch (pp > 1)
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved-1f1b
     pp_chunks: int = 1  # model chunks per pipeline rank (interleaved-1f1b: >= 2)
+    ep: int = 1  # expert-parallel ranks: each MoE layer's experts spread over groups of ep data-parallel ranks
 
     def resolved(self, world_size: int) -> ParallelConfig:
         if self.dp is not None:

@@ -1,6 +1,9 @@
 """Expert parallelism: the experts of an MoE layer spread over a group of ranks, tokens sent to them with all-to-all.
 
     apply_expert_parallel(model, group)        # every MoEMLP's bank now holds only this rank's experts
+    groups = expert_groups(ep)                 # this rank's expert-parallel group and its experts' replicas
+    finish_expert_gradients(model, groups); clip_grad_norm_(model, max_norm, groups)
+    full_state_dict(model, groups)             # the single-device weights (a collective)
 
 Each rank keeps experts ``rank·E/n .. (rank+1)·E/n − 1`` of the E in a layer and routes its own tokens (the ranks
 of the group are data parallel for everything else). The bank's forward, given its tokens sorted by expert
@@ -17,6 +20,9 @@ to match the data-parallel mean (:func:`expert_parameters` names them).
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -92,3 +98,74 @@ def apply_expert_parallel(model: nn.Module, group=None) -> nn.Module:
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters that live on one rank of the expert-parallel group only (not to be all-reduced across it)."""
     return [p for m in model.modules() if isinstance(m, ExpertParallelBank) for p in m.local.parameters()]
+
+
+@dataclass(frozen=True)
+class ExpertGroups:
+    """The ranks ``ep`` consecutive at a time share out the experts (``ep_group``); ranks with the same place in
+    those groups hold the same experts (``replica_group``, world / ep of them: the experts' data parallelism)."""
+    ep: int
+    world: int
+    ep_group: dist.ProcessGroup
+    replica_group: dist.ProcessGroup
+
+
+def expert_groups(ep: int) -> ExpertGroups:
+    """Both groups for this rank (a collective: every rank calls it, in the same order)."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mine = {}
+    for start in range(0, world, ep):  # new_group: every rank creates every group
+        group = dist.new_group(list(range(start, start + ep)))
+        if start <= rank < start + ep:
+            mine["ep"] = group
+    for place in range(ep):
+        group = dist.new_group(list(range(place, world, ep)))
+        if rank % ep == place:
+            mine["replica"] = group
+    return ExpertGroups(ep, world, mine["ep"], mine["replica"])
+
+
+def finish_expert_gradients(model: nn.Module, groups: ExpertGroups) -> None:
+    """An expert's gradient is the sum over its ep group's tokens: add the replicas' sums, divide by the world (the
+    data-parallel mean every other parameter gets from DDP)."""
+    grads = [p.grad for p in expert_parameters(model) if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    if groups.world > groups.ep:
+        dist.all_reduce(flat, group=groups.replica_group)
+    flat /= groups.world
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, groups: ExpertGroups) -> torch.Tensor:
+    """The global gradient norm (the replicated parameters counted once, every expert once) and clipping by it: every
+    rank gets the same norm, so the replicated parameters stay equal."""
+    experts = {id(p) for p in expert_parameters(model)}
+    local = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in experts]
+    expert_grads = [p.grad for p in expert_parameters(model) if p.grad is not None]
+    replicated_sq = sum((g.float().square().sum() for g in local), torch.zeros(()))
+    expert_sq = sum((g.float().square().sum() for g in expert_grads), torch.zeros(()))
+    dist.all_reduce(expert_sq, group=groups.ep_group)  # each expert lives on one rank of the ep group
+    norm = (replicated_sq + expert_sq).sqrt()
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1 and math.isfinite(max_norm):
+        for g in local + expert_grads:
+            g.mul_(scale)
+    return norm
+
+
+def full_state_dict(model: nn.Module, groups: ExpertGroups) -> dict[str, torch.Tensor]:
+    """The single-device GPT's state dict: each bank's experts gathered from its ep group (a collective)."""
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertParallelBank):
+            for pname, param in module.local.named_parameters():
+                parts = [torch.empty_like(param) for _ in range(groups.ep)]
+                dist.all_gather(parts, param.detach().contiguous(), group=groups.ep_group)
+                state[f"{name}.{pname}"] = torch.cat(parts)
+    for key, value in model.state_dict().items():
+        if ".experts.local." not in key:
+            state[key] = value
+    return state

@@ -52,6 +52,15 @@ def check_layout(model: GPTConfig, train: TrainConfig, parallel: ParallelConfig,
              "pipeline, but pp=1: add --pp N, or split the batch with --grad-accum instead")
     need(not p.sequence_parallel or p.tp > 1, "sequence parallelism splits activations over the tensor-parallel "
                                               "ranks: add --tp N (N > 1) or drop --sequence-parallel")
+    if p.ep > 1:
+        need(model.n_experts > 0, f"--ep {p.ep} spreads the experts of MoE layers, and this GPT has none: add "
+                                  "--n-experts N (a multiple of the ep size) or drop --ep")
+        need(p.dp % p.ep == 0, f"--ep {p.ep} must divide the {p.dp} data-parallel ranks: choose ep among "
+                               f"{', '.join(map(str, [d for d in range(1, p.dp + 1) if p.dp % d == 0]))}")
+        need(model.n_experts % p.ep == 0, f"{model.n_experts} experts cannot be spread over --ep {p.ep}: choose ep "
+                                          f"among the divisors of {model.n_experts}")
+        need(not train.zero_stage and not train.compile,
+             "expert parallelism runs on DDP, eager: drop --zero-stage and --compile with --ep")
     if p.tp * p.pp > 1:
         need(not train.compile, "--compile is not supported with tensor or pipeline parallelism: use --no-compile")
         need(train.dtype != "fp16", "fp16 loss scaling is not supported with tensor or pipeline parallelism: use "

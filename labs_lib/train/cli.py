@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     layout.add_argument("--micro-batches", type=int, help="pipeline micro-batches per batch (1)")
     layout.add_argument("--pp-schedule", "--schedule", choices=SCHEDULES, help="pipeline schedule (1f1b)")
     layout.add_argument("--pp-chunks", type=int, help="model chunks per pipeline rank, interleaved-1f1b (1)")
+    layout.add_argument("--ep", type=int, help="expert-parallel ranks: each MoE layer's experts over ep data-parallel "
+                                               "ranks (1)")
     layout.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction,
                         help="split the activations between TP regions along the sequence (needs --tp)")
     return p

@@ -9,6 +9,8 @@
     torchrun --standalone --nproc-per-node=2 -m labs_lib.train --profile ci --out build/runs/z2 \
         --zero-stage 2 --activation-checkpointing selective                      # ZeRO-2 by hand, recompute
     python -m labs_lib.train --profile ci --out build/runs/moe --n-experts 4 --moe-top-k 2   # MoE every 2nd block
+    torchrun --standalone --nproc-per-node=2 -m labs_lib.train --profile ci --out build/runs/ep \
+        --n-experts 4 --ep 2                                                     # experts spread over 2 ranks
 
 Data parallelism is torch's DistributedDataParallel. Each optimizer step sees ``batch_size x grad_accum x world``
 sequences; the data loader hands every rank a disjoint slice of the same global batch, so 2 ranks with batch 4

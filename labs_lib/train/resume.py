@@ -27,8 +27,8 @@ KILL_IN_CHECKPOINT = "LABS_FAULT_KILL_IN_CHECKPOINT"
 
 def check_resumable(saved: dict, parallel: ParallelConfig, cfg: TrainConfig, world_size: int, path: Path) -> None:
     """Raise ValueError naming the flags to resume with when the checkpoint's optimizer shards (``saved``: its
-    meta.json) were written for another TP/PP layout or another ZeRO stage or number of ZeRO ranks."""
-    keys = ("tp", "pp", "pp_chunks")
+    meta.json) were written for another TP/PP/EP layout or another ZeRO stage or number of ZeRO ranks."""
+    keys = ("tp", "pp", "pp_chunks", "ep")
     was = {k: saved.get("parallel", {}).get(k, 1) for k in keys}
     now = {k: getattr(parallel, k) for k in keys}
     readable = "(its weights are single-device: python -m labs_lib.inference.generate reads them anyway)"
@@ -36,6 +36,9 @@ def check_resumable(saved: dict, parallel: ParallelConfig, cfg: TrainConfig, wor
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in was.items())
         raise ValueError(f"{path} was written with {was}, this run has {now}: resume with {flags} {readable}")
     was_stage, was_world = saved.get("train", {}).get("zero_stage", 0), saved.get("world_size")
+    if now["ep"] > 1 and was_world != world_size:  # each rank saved its own experts' optimizer state
+        raise ValueError(f"{path} was written by {was_world} expert-parallel rank(s), this run has {world_size}: "
+                         f"resume on {was_world} ranks with --ep {now['ep']} {readable}")
     if was_stage != cfg.zero_stage or (cfg.zero_stage and was_world != world_size):
         how = f"--zero-stage {was_stage}" + (f" on {was_world} ranks" if was_stage else "")
         raise ValueError(f"{path} was written with --zero-stage {was_stage} on {was_world} rank(s), this run has "

@@ -1,6 +1,7 @@
 """One optimizer step of the GPT on each layout: the strategies behind ``python -m labs_lib.train``'s loop.
 
-    strategy = make_strategy(model, cfg, parallel, info, mesh)   # DataParallelStep | ZeroStep | MeshStep
+    strategy = make_strategy(model, cfg, parallel, info, mesh)   # DataParallelStep | ZeroStep | ExpertParallelStep
+                                                                 # | MeshStep
     result = train_step(strategy, batches, cfg, device, scaler)  # the loss, grad norm and held bytes, on this rank
     step_fields(result, info, device)     # the record's {"loss", "grad_norm", "mem_rank<r>"} (+ "act_rank<r>")
 
@@ -33,6 +34,7 @@ from labs_lib.core import checkpoint
 from labs_lib.core.config import TrainConfig
 from labs_lib.core.dist import DistInfo, all_reduce_mean
 from labs_lib.measure.memory import ActivationPeak, gather_per_rank, held_bytes, per_rank_fields
+from labs_lib.parallel import experts
 from labs_lib.parallel.mesh import Mesh
 from labs_lib.parallel.parallel3d import Parallel3D
 from labs_lib.parallel.recompute import apply_activation_checkpointing
@@ -155,6 +157,37 @@ class ZeroStep(DataParallelStep):
         self.optimizer.load_state_dict(checkpoint.load_optimizer_shard(latest, self.zero.shard_name(self.info.rank)))
 
 
+class ExpertParallelStep(DataParallelStep):
+    """DDP for everything but the experts, which each MoE layer spreads over groups of ``ep`` ranks
+    (labs_lib.parallel.experts): their gradients are summed over the replicas after backward, the clipping norm
+    counts every expert once, the checkpoint gathers them into the single-device weights, and each rank saves
+    its own optimizer state (its experts' moments)."""
+
+    def __init__(self, model, cfg: TrainConfig, info: DistInfo, ep: int, measure_activations: bool = False):
+        self.groups = experts.expert_groups(ep)
+        experts.apply_expert_parallel(model, self.groups.ep_group)
+        local = {id(p) for p in experts.expert_parameters(model)}
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [name for name, p in model.named_parameters() if id(p) in local])
+        super().__init__(model, cfg, info, measure_activations)
+
+    def finish_gradients(self) -> None:
+        super().finish_gradients()
+        experts.finish_expert_gradients(self.model, self.groups)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return experts.clip_grad_norm_(self.model, max_norm, self.groups)
+
+    def checkpoint_state(self, tmp: Path) -> tuple[dict | None, dict | None]:
+        checkpoint.write_rank_state(tmp, self.info.rank)
+        checkpoint.write_optimizer_shard(tmp, f"ep_rank{self.info.rank}", self.optimizer.state_dict())
+        state = experts.full_state_dict(self.model, self.groups)  # a collective
+        return (state if self.info.is_main else None), None
+
+    def load_checkpoint(self, latest: Path) -> None:
+        self.optimizer.load_state_dict(checkpoint.load_optimizer_shard(latest, f"ep_rank{self.info.rank}"))
+
+
 class MeshStep:
     """DP x TP x PP (labs_lib.parallel.parallel3d): the pipeline schedule runs forward and backward of each batch,
     then one all-reduce over the data-parallel group. Optimizer state is saved per (pp, tp) shard."""
@@ -215,6 +248,8 @@ def make_strategy(model, cfg: TrainConfig, parallel, info: DistInfo, mesh: Mesh 
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if mesh is not None:
         return MeshStep(model, cfg, info, mesh, measure_activations)
+    if parallel.ep > 1:
+        return ExpertParallelStep(model, cfg, info, parallel.ep, measure_activations)
     step = ZeroStep if cfg.zero_stage else DataParallelStep
     return step(model, cfg, info, measure_activations)
 
