@@ -180,9 +180,13 @@ def test_moe_gpt_under_ddp_matches_one_process(tmp_path, ci_data):
                eval_interval=0, checkpoint_interval=0)
     run_train(tmp_path / "one", batch_size=8, **moe)
     run_train(tmp_path / "ddp", nproc=2, batch_size=4, **moe)
-    one, ddp = ([r["loss"] for r in read_metrics(tmp_path / name)] for name in ("one", "ddp"))
+    records = {name: read_metrics(tmp_path / name) for name in ("one", "ddp")}
+    one, ddp = ([r["loss"] for r in records[name]] for name in ("one", "ddp"))
     torch.testing.assert_close(torch.tensor(ddp), torch.tensor(one), rtol=1e-5, atol=1e-5)
     assert one[-1] < one[0]
+    # the expert load of each step, summed over the ranks: the same routing, every token's 2 assignments kept
+    assert [r["moe_load"] for r in records["ddp"]] == [r["moe_load"] for r in records["one"]]
+    assert all(sum(r["moe_load"][0]) == 8 * 64 * 2 and r["moe_dropped_fraction"] == 0 for r in records["one"])
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@
     y = moe(x)                          # x: (..., n_embd); y the same shape
     moe.aux_loss, moe.z_loss            # Switch / GShard load-balancing loss and the router z-loss of that call
     moe.last_routing                    # RoutingStats: tokens per expert, tokens dropped
+    moe.take_routing()                  # the same, summed over the training calls since the last take (a step's)
 
 How a call runs (Shazeer et al. 2017; GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021; ST-MoE, Zoph et
 al. 2022 for the z-loss):
@@ -140,6 +141,7 @@ class MoEMLP(nn.Module):
         self.experts = ExpertBank(n_experts, n_embd, hidden or 4 * n_embd, bias)
         self.aux_loss = self.z_loss = torch.zeros(())
         self.last_routing: RoutingStats | None = None
+        self._totals = RoutingStats([0] * n_experts, 0, 0)
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.noise == "jitter":
@@ -163,4 +165,13 @@ class MoEMLP(nn.Module):
         self.aux_loss = load_balancing_loss(probs, top_index[:, 0])
         self.z_loss = router_z_loss(logits.float())
         self.last_routing = RoutingStats(routing.counts, routing.dropped, routing.assignments)
+        if self.training:  # what a training step routed (evaluation between steps is not part of it)
+            t = self._totals
+            self._totals = RoutingStats([a + b for a, b in zip(t.counts, routing.counts)],
+                                        t.dropped + routing.dropped, t.assignments + routing.assignments)
         return y.reshape(shape)
+
+    def take_routing(self) -> RoutingStats:
+        """Tokens per expert and drops summed over the calls since the last take; starts the sums again."""
+        totals, self._totals = self._totals, RoutingStats([0] * self.n_experts, 0, 0)
+        return totals

@@ -3,7 +3,8 @@
     strategy = make_strategy(model, cfg, parallel, info, mesh)   # DataParallelStep | ZeroStep | ExpertParallelStep
                                                                  # | MeshStep
     result = train_step(strategy, batches, cfg, device, scaler)  # the loss, grad norm and held bytes, on this rank
-    step_fields(result, info, device)     # the record's {"loss", "grad_norm", "mem_rank<r>"} (+ "act_rank<r>")
+    step_fields(result, info, device)     # the record's {"loss", "grad_norm", "mem_rank<r>"} (+ "act_rank<r>",
+                                          # an MoE GPT's "moe_load" and "moe_dropped_fraction")
 
 What differs between the layouts is each strategy's ``forward_backward`` (one micro-batch), ``finish_gradients``
 (the data-parallel reduction once the micro-batches are done), ``clip_grad_norm_`` and ``held_bytes``, and what a
@@ -34,6 +35,7 @@ from labs_lib.core import checkpoint
 from labs_lib.core.config import TrainConfig
 from labs_lib.core.dist import DistInfo, all_reduce_mean
 from labs_lib.measure.memory import ActivationPeak, gather_per_rank, held_bytes, per_rank_fields
+from labs_lib.models.moe import MoEMLP
 from labs_lib.parallel import experts
 from labs_lib.parallel.mesh import Mesh
 from labs_lib.parallel.parallel3d import Parallel3D
@@ -256,7 +258,7 @@ def make_strategy(model, cfg: TrainConfig, parallel, info: DistInfo, mesh: Mesh 
 
 def train_step(strategy, batches, cfg: TrainConfig, device: torch.device, scaler) -> tuple:
     """One optimizer step: ``grad_accum`` micro-batches forward and backward, the gradients finished, clipped and
-    applied; returns this rank's (summed loss, gradient norm, held bytes) for :func:`step_fields`."""
+    applied; returns this rank's (summed loss, gradient norm, held bytes, MoE routing) for :func:`step_fields`."""
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro-batch
     for micro in range(cfg.grad_accum):
         x, y = (t.to(device, non_blocking=True) for t in next(batches))
@@ -269,14 +271,27 @@ def train_step(strategy, batches, cfg: TrainConfig, device: torch.device, scaler
     scaler.update()
     held = strategy.held_bytes()
     strategy.optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm, held
+    routing = [m.take_routing() for m in strategy.model.modules() if isinstance(m, MoEMLP)]
+    return loss_sum, grad_norm, held, routing
 
 
 def step_fields(result: tuple, info: DistInfo, device: torch.device) -> dict:
     """A step's record fields from :func:`train_step`'s result: the loss averaged over the ranks, the gradient norm,
     ``mem_rank<r>`` (rank r's held bytes after the step: params, grads, optimizer) and, when activations are
     measured, ``act_rank<r>`` (rank r's peak activation bytes in the step). Collectives: every rank calls it."""
-    loss_sum, grad_norm, held = result
+    loss_sum, grad_norm, held, routing = result
     # Every rank of a replica holds its loss (the last stage broadcasts it), so the world mean is the DP mean.
     fields = {"loss": all_reduce_mean(loss_sum.item()), "grad_norm": grad_norm.item()}
-    return fields | per_rank_fields(gather_per_rank(held, info.world_size, device))
+    return fields | per_rank_fields(gather_per_rank(held, info.world_size, device)) | moe_fields(routing, info)
+
+
+def moe_fields(routing: list, info: DistInfo) -> dict:
+    """An MoE GPT's record fields, summed over the ranks: ``moe_load`` (tokens per expert, one row per MoE layer)
+    and ``moe_dropped_fraction`` (assignments over capacity). A collective when distributed; {} for a dense GPT."""
+    if not routing:
+        return {}
+    totals = torch.tensor([[*r.counts, r.dropped, r.assignments] for r in routing], dtype=torch.int64)
+    if info.distributed:
+        dist.all_reduce(totals)
+    return {"moe_load": totals[:, :-2].tolist(),
+            "moe_dropped_fraction": totals[:, -2].sum().item() / max(totals[:, -1].sum().item(), 1)}
