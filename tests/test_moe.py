@@ -229,3 +229,13 @@ def test_bad_expert_parallel_layouts_fail_before_launch(tmp_path, changes, messa
         launch("labs_lib.train.gpt", settings_args("ci", **changes), tmp_path / "bad", nodes=1, nproc_per_node=2,
                progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_rsample_samples_the_first_choice_from_the_softmax_and_keeps_clean_gates():
+    torch.manual_seed(0)
+    moe = MoEMLP(4, 3, top_k=1, capacity_factor=None, noise="rsample")
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]])).expand(6000, 3)
+    picks = torch.bincount(moe.choose(logits)[:, 0], minlength=3).float() / 6000
+    torch.testing.assert_close(picks, torch.tensor([0.6, 0.3, 0.1]), atol=0.03, rtol=0)  # Gumbel-max: a sample
+    moe.eval()
+    assert torch.all(moe.choose(logits)[:, 0] == 0)  # no noise in evaluation

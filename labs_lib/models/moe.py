@@ -9,10 +9,11 @@
 How a call runs (Shazeer et al. 2017; GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021; ST-MoE, Zoph et
 al. 2022 for the z-loss):
 
-1. **route**: logits = x·W_g (plus noise in training: ``"jitter"`` multiplies the input by U(1−ε, 1+ε), Switch's;
-   ``"rsample"`` adds Gaussian noise to the logits, DeepSpeed's ``noisy_gate_policy="RSample"``); probabilities by
-   softmax over the experts; each token picks its ``top_k`` experts. With k > 1 the chosen gates are renormalised
-   to sum to 1 (GShard); with k = 1 the gate is the raw probability (Switch), so the router gets a gradient.
+1. **route**: logits = x·W_g; probabilities by softmax over the experts; each token picks its ``top_k`` experts.
+   Noise in training: ``"jitter"`` multiplies the input by U(1−ε, 1+ε) (Switch's); ``"rsample"`` picks by the
+   logits plus Gumbel noise (DeepSpeed's ``noisy_gate_policy="RSample"``), the gates staying the clean ones.
+   With k > 1 the chosen gates are renormalised to sum to 1 (GShard); with k = 1 the gate is the raw probability
+   (Switch), so the router gets a gradient.
 2. **capacity**: each expert takes at most C = ceil(k · tokens / experts · capacity_factor) tokens. Slots are
    filled choice by choice (every token's first choice before any second choice, GShard's priority) and in token
    order within a choice; an assignment past C is dropped: that token gets nothing from that expert (its residual
@@ -146,17 +147,23 @@ class MoEMLP(nn.Module):
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and self.noise == "jitter":
             x = x * torch.empty_like(x).uniform_(1 - JITTER_EPS, 1 + JITTER_EPS)
-        logits = self.gate(x)
+        return self.gate(x)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each token's top_k experts. Under "rsample" in training by the logits plus Gumbel noise (DeepSpeed's:
+        the Gumbel-max trick samples the first choice from the softmax); the gates stay the clean probabilities."""
         if self.training and self.noise == "rsample":
-            logits = logits + torch.randn_like(logits) / self.n_experts  # DeepSpeed's RSample scale: 1/E
-        return logits
+            uniform = torch.rand_like(logits).clamp_(1e-20, 1.0)
+            logits = logits - torch.log(-torch.log(uniform))
+        return logits.topk(self.top_k, dim=-1).indices
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits = self.router_logits(x)
         probs = logits.float().softmax(dim=-1)
-        top_probs, top_index = probs.topk(self.top_k, dim=-1)
+        top_index = self.choose(logits.detach().float())
+        top_probs = probs.gather(-1, top_index)
         gates = top_probs / top_probs.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_probs
         routing = assign(top_index, gates.to(x.dtype), self.n_experts,
                          expert_capacity(x.shape[0], self.n_experts, self.top_k, self.capacity_factor))
