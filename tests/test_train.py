@@ -17,6 +17,11 @@ from conftest import run_train, train_cmd
 pytestmark = pytest.mark.slow
 
 
+# Bit-for-bit comparisons of one-process runs use one thread: MKL picks its threads dynamically (MKL_DYNAMIC), so
+# under load two runs of 2 threads can split a matmul differently and round differently (a CI run saw it once).
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
 def losses(out):
     return torch.tensor([r["loss"] for r in read_metrics(out)], dtype=torch.float64)
 
@@ -73,14 +78,14 @@ def test_ddp_matches_single_process(tmp_path, ci_data):
 def test_killed_run_resumes_exactly(tmp_path, ci_data):
     """20 steps straight vs. SIGKILL after step 13 (checkpoint at 10), then --resume to 20: identical."""
     settings = dict(max_steps=20, checkpoint_interval=5, eval_interval=0, dropout=0.1)
-    run_train(tmp_path / "straight", **settings)
+    run_train(tmp_path / "straight", env=ONE_THREAD, **settings)
 
     out = tmp_path / "killed"
-    killed = run_train(out, check=False, env={"LABS_FAULT_KILL_AFTER_STEP": "13"}, **settings)
+    killed = run_train(out, check=False, env={**ONE_THREAD, "LABS_FAULT_KILL_AFTER_STEP": "13"}, **settings)
     assert killed.returncode == -9
     assert checkpoint.latest_checkpoint(out / "checkpoints").name == "step_000010"
     assert read_metrics(out)[-1]["step"] == 13
-    run_train(out, resume=True, **settings)
+    run_train(out, resume=True, env=ONE_THREAD, **settings)
 
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 21))
     assert torch.equal(losses(out), losses(tmp_path / "straight"))
@@ -90,13 +95,13 @@ def test_killed_run_resumes_exactly(tmp_path, ci_data):
 
 def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, ci_data):
     settings = dict(max_steps=10, checkpoint_interval=5, eval_interval=0)
-    run_train(tmp_path / "straight", **settings)
+    run_train(tmp_path / "straight", env=ONE_THREAD, **settings)
     out = tmp_path / "run"
-    killed = run_train(out, check=False, env={"LABS_FAULT_KILL_IN_CHECKPOINT": "10"}, **settings)
+    killed = run_train(out, check=False, env={**ONE_THREAD, "LABS_FAULT_KILL_IN_CHECKPOINT": "10"}, **settings)
     assert killed.returncode == -9
     assert (out / "checkpoints" / "step_000010.tmp").exists()  # the half-written one
     assert checkpoint.latest_checkpoint(out / "checkpoints").name == "step_000005"
-    run_train(out, resume=True, **settings)
+    run_train(out, resume=True, env=ONE_THREAD, **settings)
     assert torch.equal(losses(out), losses(tmp_path / "straight"))
     assert not (out / "checkpoints" / "step_000010.tmp").exists()
 
