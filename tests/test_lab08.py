@@ -23,6 +23,7 @@ def test_top_k_gating_check_accepts_the_reference_and_names_the_mistake():
     with pytest.raises(AssertionError, match="probability itself"):
         lab08.check_top_k_gating(logits_not_probabilities)
     assert lab08.check_top_k_gating(None) is False
+    assert lab08.check_top_k_gating(lambda logits, k: ...) is False  # the notebook's unwritten body
 
 
 def test_balancing_loss_check_by_hand():
@@ -51,3 +52,17 @@ def test_dropped_fraction_falls_with_capacity_and_restores_the_factor():
     fractions = [r["dropped_fraction"] for r in rows]
     assert fractions == sorted(fractions, reverse=True) and fractions[0] >= 0.5 and fractions[-1] == 0.0
     assert moe.capacity_factor == 1.25 and moe.training
+
+
+def test_balanced_router_drops_one_minus_the_factor():
+    assert [lab08.balanced_dropped_fraction(f) for f in (0.5, 1.0, 2.0)] == [0.5, 0.0, 0.0]
+    index = (torch.arange(64) % 4).unsqueeze(1)  # perfectly balanced: 16 tokens per expert
+    for factor in (0.25, 0.5, 1.0):
+        r = lab08.assign(index, torch.ones(64, 1), 4, lab08.expert_capacity(64, 4, 1, factor))
+        assert r.dropped / 64 == lab08.balanced_dropped_fraction(factor)
+
+
+def test_parameter_rows_count_experts_but_not_their_flops():
+    dense, moe = lab08.parameter_rows("ci")
+    assert moe["params"] > dense["params"] and moe["active params"] < moe["params"]
+    assert moe["FLOPs per token"] - dense["FLOPs per token"] == 6 * (moe["active params"] - dense["active params"])

@@ -72,3 +72,19 @@ def test_two_rank_trace(tmp_path, ci_data):
     tokens_per_s = read_metrics(out)[-1]["tokens_per_s"]
     model = GPT(GPTConfig(n_embd=64, n_head=2, n_layer=2, vocab_size=512, block_size=64))
     assert 0 < mfu(model.flops_per_token(), tokens_per_s, peak_flops("cpu")[0]) <= 1
+
+
+def test_collective_share_is_the_union_of_that_collectives_time_within_the_steps(tmp_path):
+    import json
+
+    from labs_lib.measure.trace import collective_share
+
+    events = [{"ph": "X", "name": "ProfilerStep#2", "ts": 0, "dur": 100, "tid": 1},
+              {"ph": "X", "name": "ProfilerStep#3", "ts": 200, "dur": 100, "tid": 1},
+              {"ph": "X", "name": "gloo:all_to_all", "ts": 10, "dur": 20, "tid": 2},
+              {"ph": "X", "name": "c10d::alltoall_base_", "ts": 20, "dur": 20, "tid": 1},  # overlaps: counted once
+              {"ph": "X", "name": "gloo:all_to_all", "ts": 290, "dur": 40, "tid": 2},  # half inside step 3
+              {"ph": "X", "name": "gloo:all_reduce", "ts": 50, "dur": 40, "tid": 2}]  # another collective
+    path = tmp_path / "rank0.pt.trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert collective_share(path, ("alltoall", "all_to_all")) == (30 + 10) / 200

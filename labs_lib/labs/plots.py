@@ -296,3 +296,32 @@ def plot_predicted_vs_measured(rows: list[dict], predicted: str, measured: str, 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return ax
+
+
+def plot_expert_load(shares: list[list[float]], ax=None):
+    """A heat map of each expert's share of the tokens (columns) over the training steps (rows), from
+    labs_lib.labs.lab08.load_matrix; 1/E everywhere is a perfectly balanced router."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    n_experts = len(shares[0])
+    image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=min(1.0, 3 / n_experts),
+                      extent=(-0.5, n_experts - 0.5, len(shares) + 0.5, 0.5))
+    ax.figure.colorbar(image, ax=ax, label=f"share of the tokens (balanced: 1/{n_experts})")
+    ax.set(xlabel="expert", ylabel="training step", title="expert load during training")
+    ax.set_xticks(range(n_experts))
+    return ax
+
+
+def plot_dropped(rows: list[dict], formula=None, ax=None):
+    """Fraction of assignments dropped against the capacity factor (labs_lib.labs.lab08.dropped_fraction_curve),
+    with ``formula`` rows of the same form beside it (e.g. a perfectly balanced router's)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["capacity_factor"] for r in rows], [r["dropped_fraction"] for r in rows], "o-", label="measured")
+    if formula:
+        ax.plot([r["capacity_factor"] for r in formula], [r["dropped_fraction"] for r in formula], "k--",
+                label="balanced router")
+    ax.set(xlabel="capacity factor", ylabel="fraction of tokens dropped", title="tokens over capacity", ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax

@@ -1,6 +1,7 @@
 """measure: what a run measures, so that every claim a lab makes about speed or memory is a measurement.
 
-trace.py          torch.profiler traces, top operators, compute / communication / idle per step, collectives
+trace.py          torch.profiler traces, top operators, compute / communication / idle per step, collectives and
+                  one collective's share of the step (all-to-all in lab 08)
 flops.py          peak FLOP/s (data sheet or measured) and MFU
 memory.py         activations kept for backward, model-state bytes a rank holds (ours and DeepSpeed's), gathered
 throughput.py     steady-state throughput: the one warm-up rule, and in-process training throughput

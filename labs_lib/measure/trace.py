@@ -155,3 +155,15 @@ def step_breakdown(trace_path: str | Path) -> list[dict]:
                      "comm_ms": _length(comm) / 1e3, "overlap_ms": overlap / 1e3,
                      "idle_ms": (end - start - busy) / 1e3})
     return rows
+
+
+def collective_share(trace_path: str | Path, markers: tuple[str, ...]) -> float:
+    """The share of the profiled steps' time in which a collective whose name contains one of ``markers`` (e.g.
+    ``("alltoall", "all_to_all")``) ran, on one rank's trace (the backend's worker threads included)."""
+    events = [e for e in json.loads(Path(trace_path).read_text())["traceEvents"] if e.get("ph") == "X"]
+    steps = [(e["ts"], e["ts"] + e["dur"]) for e in events if e["name"].startswith("ProfilerStep#")]
+    if not steps:
+        raise ValueError(f"{trace_path} has no profiled step (ProfilerStep#): was it written by profile_steps?")
+    chosen = _union([(e["ts"], e["ts"] + e["dur"]) for e in events
+                     if is_comm(e["name"]) and any(m in e["name"].lower() for m in markers)])
+    return sum(_length(_clip(chosen, start, end)) for start, end in steps) / sum(end - start for start, end in steps)

@@ -131,8 +131,9 @@ class GPT(nn.Module):
                     m.z_loss for m in self.moe_layers())
         return logits, loss
 
-    def moe_layers(self) -> list[MoEMLP]:
-        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoEMLP)]
+    def moe_layers(self) -> list[nn.Module]:
+        """The blocks' MoE MLPs: ours (MoEMLP) or any other with ``is_moe`` and an ``aux_loss`` (DeepSpeed's)."""
+        return [b.mlp for b in self.blocks if getattr(b.mlp, "is_moe", False)]
 
     def moe_aux_loss(self) -> torch.Tensor:
         """The sum of the MoE layers' load-balancing losses of the last forward (0 for a dense GPT)."""
@@ -141,7 +142,7 @@ class GPT(nn.Module):
     def active_params(self, non_embedding: bool = True) -> int:
         """Parameters one token uses: all but the experts it is not routed to (top_k of each layer's experts)."""
         unused = sum((m.n_experts - m.top_k) * sum(p[0].numel() for p in m.experts.parameters())
-                     for m in self.moe_layers())
+                     for m in self.moe_layers() if isinstance(m, MoEMLP))
         return self.num_params(non_embedding) - unused
 
     def num_params(self, non_embedding: bool = False) -> int:

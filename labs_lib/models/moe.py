@@ -133,6 +133,8 @@ class ExpertBank(nn.Module):
 class MoEMLP(nn.Module):
     """A drop-in for the GPT block's MLP: router, capacity, experts, combine (see the module docstring)."""
 
+    is_moe = True
+
     def __init__(self, n_embd: int, n_experts: int, top_k: int = 1, capacity_factor: float | None = 1.25,
                  noise: str = "none", hidden: int | None = None, bias: bool = True):
         super().__init__()

@@ -5,6 +5,8 @@
         --ds-config configs/deepspeed/zero3.json --max-steps 20
     TRAIN_MODULE=labs_lib.train.deepspeed.gpt sbatch slurm/train_gpt.sbatch --ds-config configs/deepspeed/zero2.json
     python -m labs_lib.train.deepspeed.gpt ... --bf16 --grad-accum 2 --activation-checkpointing --flops-profile --resume
+    torchrun --standalone --nproc-per-node=4 -m labs_lib.train.deepspeed.gpt --profile ci --out build/runs/ds_moe \
+        --n-experts 8 --ep 4 --moe-noise rsample [--moe-residual]     # DeepSpeed's MoE (labs_lib.train.deepspeed.moe)
 
 Same model (labs_lib.models.gpt), same data (each rank reads its slice of the global batch), same learning-rate
 schedule (labs_lib.train.optim.lr_at), same loop (labs_lib.train.loop.run_loop) and same metrics.jsonl as
@@ -51,6 +53,7 @@ from labs_lib.train.cli import (
     world_size_from_env,
 )
 from labs_lib.train.deepspeed.config import check_ds_config, load_ds_config, resolve_ds_config, zero_stage
+from labs_lib.train.deepspeed.moe import apply_deepspeed_moe, check_deepspeed_moe, moe_param_groups
 from labs_lib.train.deepspeed.setup import start as start_deepspeed
 from labs_lib.train.loop import Loop, run_loop
 from labs_lib.train.optim import lr_at, param_groups
@@ -73,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute each transformer block in backward (deepspeed.checkpointing)")
     p.add_argument("--flops-profile", action=argparse.BooleanOptionalAction, default=False,
                    help="DeepSpeed's flops profiler on one step after warm-up -> flops_profile.txt")
+    p.add_argument("--ep", type=int, default=1, help="with --n-experts: DeepSpeed MoE's expert-parallel size (1)")
+    p.add_argument("--moe-residual", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --n-experts: residual MoE (a dense MLP beside the experts)")
     add_model_args(p)
     # The DeepSpeed config sets weight decay and clipping; DeepSpeed does the gradient reduction and no tracing.
     add_training_args(p, skip=("weight_decay", "grad_clip", "tokenizer_vocab", "ddp_bucket_mb", "trace_steps"))
@@ -114,6 +120,7 @@ def check_args(argv: list[str], world_size: int) -> int:
         raise ValueError("this trainer sets the learning rate every step (labs_lib.train.optim.lr_at, as python -m "
                          "labs_lib.train does): remove the \"scheduler\" section from the DeepSpeed config")
     validate(model_cfg, train_cfg, world_size=world_size, device_type=device_type())
+    check_deepspeed_moe(model_cfg, args.ep, world_size, zero_stage(ds), args.moe_residual)
     resolved_ds_config(ds, train_cfg, world_size, "flops_profile.txt" if args.flops_profile else None)
     return train_cfg.max_steps
 
@@ -182,8 +189,11 @@ def _save(engine, ckpt_dir: Path, step: int, batches: TokenBatches, keep: int, i
 
 
 def train(model_cfg: GPTConfig, cfg: TrainConfig, ds_config: dict, out: str | Path, resume: bool = False,
-          progress: bool = True, activation_checkpointing: bool = False, flops_profile: bool = False) -> list[dict]:
-    """Run (or resume) DeepSpeed training in this process, as one rank of whatever launched it. Returns the metrics."""
+          progress: bool = True, activation_checkpointing: bool = False, flops_profile: bool = False,
+          ep: int = 1, moe_residual: bool = False) -> list[dict]:
+    """Run (or resume) DeepSpeed training in this process, as one rank of whatever launched it. Returns the metrics.
+    An MoE GPT (``model_cfg.n_experts``) gets DeepSpeed's MoE layers over ``ep`` ranks
+    (labs_lib.train.deepspeed.moe)."""
     deepspeed, info = start_deepspeed()
     out = Path(out)
     ds = resolved_ds_config(ds_config, cfg, info.world_size, str(out / "flops_profile.txt") if flops_profile else None)
@@ -198,10 +208,15 @@ def train(model_cfg: GPTConfig, cfg: TrainConfig, ds_config: dict, out: str | Pa
                                          "activation_checkpointing": activation_checkpointing})
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (ZeRO-3 then keeps each rank's slice)
-    model = GPT(model_cfg).to(info.device)
+    model = GPT(model_cfg)
+    if model_cfg.n_experts:
+        apply_deepspeed_moe(model, ep, moe_residual)
+    model = model.to(info.device)
     if activation_checkpointing:
         _checkpoint_blocks(model)
     groups = param_groups(model, ds["optimizer"]["params"]["weight_decay"])
+    if model_cfg.n_experts:
+        groups = moe_param_groups(groups)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
     batches = TokenBatches(data.train_path, cfg.batch_size, model_cfg.block_size, info.rank, info.world_size,
                            seed=cfg.seed)
@@ -237,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(f"invalid configuration: {e}") from None
     train(model_cfg, train_cfg, ds, args.out, resume=args.resume, progress=not args.no_progress,
-          activation_checkpointing=args.activation_checkpointing, flops_profile=args.flops_profile)
+          activation_checkpointing=args.activation_checkpointing, flops_profile=args.flops_profile, ep=args.ep,
+          moe_residual=args.moe_residual)
 
 
 if __name__ == "__main__":
