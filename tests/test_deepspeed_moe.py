@@ -12,7 +12,7 @@ from labs_lib.train.optim import param_groups
 
 COURSE = dict(n_experts=8, moe_top_k=1, moe_noise="rsample")
 STEPS = 30
-LOSS_BOUND = 0.25  # nats between the runs' mean loss over the last 5 steps (measured: see the test)
+LOSS_BOUND = 0.15  # nats between the mean losses of the last 5 steps (measured +0.02 standard, -0.03 residual)
 
 
 def test_expert_parameters_get_optimizer_groups_of_their_own():
@@ -51,18 +51,25 @@ def mean_last(records, n=5) -> float:
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_deepspeed_moe_trains_like_ours_through_slurm(ci_data, tmp_path):
+    from labs_lib.core.config import get_profile, override
     from labs_lib.jobs.launch import launch, settings_args, train_gpt
+    from labs_lib.train.deepspeed.moe import apply_deepspeed_moe
 
     common = dict(max_steps=STEPS, warmup_steps=2, eval_interval=0, checkpoint_interval=0, **COURSE)
     ours = train_gpt(tmp_path / "ours", nodes=2, nproc_per_node=2, profile="ci", progress=False, **common)
     runs = {}
-    for name, extra in (("standard", {}), ("residual", {"moe_residual": True})):
+    for name, residual in (("standard", False), ("residual", True)):
         out = tmp_path / name
-        launch("labs_lib.train.deepspeed.gpt", settings_args("ci", ds_config="zero2.json", ep=4, **common, **extra),
-               out, nodes=2, nproc_per_node=2, progress=False)
+        launch("labs_lib.train.deepspeed.gpt", settings_args("ci", ds_config="zero2.json", ep=4,
+                                                             moe_residual=residual, **common),
+               out, nodes=2, nproc_per_node=2, profile="ci", progress=False)
         runs[name] = read_metrics(out)
-        log = (out / "job.log").read_text()
-        assert "num_experts: 8 | num_local_experts: 2 | expert_parallel_size: 4" in log
+        # ep 4: each rank holds 2 of the 8 experts (DeepSpeed builds only the local ones), and ZeRO-2 keeps every
+        # parameter whole, so rank 0 holds the parameters of this one-process build (plus the few elements of
+        # alignment padding DeepSpeed adds to its flat groups; with all 8 experts it would be ~2.5x more)
+        model = apply_deepspeed_moe(GPT(override(get_profile("ci").model, **COURSE)), ep=4, residual=residual)
+        local = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        assert runs[name][-1]["mem_rank0"]["params"] == pytest.approx(4 * local, rel=1e-3), name
     for name, records in {"ours": ours, **runs}.items():
         assert len(records) == STEPS and mean_last(records) < records[0]["loss"] - 0.3, name
     gaps = {name: mean_last(records) - mean_last(ours) for name, records in runs.items()}

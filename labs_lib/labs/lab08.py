@@ -188,5 +188,5 @@ def deepspeed_moe(out: str | Path, steps: int = 40, residual: bool = False, prof
     settings = dict(MOE, moe_noise="rsample", ep=4, moe_residual=residual, max_steps=steps, warmup_steps=2,
                     eval_interval=10, checkpoint_interval=0, ds_config="zero2.json")
     launch("labs_lib.train.deepspeed.gpt", settings_args(profile, **settings), run, nodes=2, nproc_per_node=2,
-           desc="deepspeed moe")
+           profile=profile, desc="deepspeed moe")
     return read_metrics(run)
