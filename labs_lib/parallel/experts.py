@@ -65,13 +65,13 @@ class ExpertParallelBank(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         el, world = self.local_experts, self.world
-        send_counts = torch.tensor(counts, dtype=torch.int64)
+        send_counts = torch.tensor(counts, dtype=torch.int64, device=x.device)  # NCCL exchanges device tensors
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)  # [s, e]: rank s's tokens for my e
-        recv = recv_counts.view(world, el)
+        recv = recv_counts.view(world, el).cpu()
         send = [sum(counts[j * el:(j + 1) * el]) for j in range(world)]
         received = AllToAll.apply(x, send, recv.sum(dim=1).tolist(), self.group)
-        by_expert = _regroup(recv)
+        by_expert = _regroup(recv).to(x.device)
         out = self.local(received[by_expert], recv.sum(dim=0).tolist())
         back = torch.empty_like(out).index_copy_(0, by_expert, out)  # source order again
         return AllToAll.apply(back, recv.sum(dim=1).tolist(), send, self.group)
@@ -145,8 +145,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, groups: ExpertGroups) -> 
     experts = {id(p) for p in expert_parameters(model)}
     local = [p.grad for p in model.parameters() if p.grad is not None and id(p) not in experts]
     expert_grads = [p.grad for p in expert_parameters(model) if p.grad is not None]
-    replicated_sq = sum((g.float().square().sum() for g in local), torch.zeros(()))
-    expert_sq = sum((g.float().square().sum() for g in expert_grads), torch.zeros(()))
+    zero = torch.zeros((), device=next(model.parameters()).device)  # on the device the collective runs on
+    replicated_sq = sum((g.float().square().sum() for g in local), zero)
+    expert_sq = sum((g.float().square().sum() for g in expert_grads), zero)
     dist.all_reduce(expert_sq, group=groups.ep_group)  # each expert lives on one rank of the ep group
     norm = (replicated_sq + expert_sq).sqrt()
     scale = max_norm / (norm + 1e-6)
