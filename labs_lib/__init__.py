@@ -10,10 +10,14 @@ Layers, lowest first; each imports only from its own layer and the ones below (t
     estimates   the analytic formulas the measurements are held to: memory, TP / PP, DeepSpeed's allocation
     train       the one training loop, the step strategies and the job modules (GPT, DeepSpeed GPT and ViT,
                 pipeline timelines)
-    inference   text generation from a trained checkpoint
+    inference   a trained checkpoint in use: KV-cached generation, export (HF, ONNX), quantization, pruning,
+                distillation
     jobs        child processes, Slurm, and the one launcher every lab's job goes through
     labs        per notebook: what it runs and reads back (lab00 ... lab07), exercise checks, plots
     planner     lab 07: memory / time / fit of any GPT on any cluster, this machine calibrated, auto-tuning
+
+Entry points beside the layers: ``python -m labs_lib.generate`` and ``python -m labs_lib.export`` (the inference
+layer's command lines), ``python -m labs_lib.train``.
 
 Where a lab's experiment lives: labs_lib/labs/labNN.py (its docstring names the engine code it runs).
 """

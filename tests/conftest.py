@@ -41,3 +41,14 @@ def ci_data():
 
     cfg = get_profile("ci").train
     return prepare_data(cfg.data, cfg.tokenizer_vocab, cfg.corpus_max_bytes, cfg.val_fraction, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A small GPT trained for 120 steps on the ci corpus (one process, ~10 s): the inference tests' checkpoint.
+
+    Context 128 (room for a prompt and new tokens); its run folder holds checkpoints/ and tokenizer.json."""
+    out = tmp_path_factory.mktemp("inference") / "run"
+    run_train(out, block_size=128, max_steps=120, eval_interval=60, checkpoint_interval=120,
+              env={"OMP_NUM_THREADS": "1"})
+    return out

@@ -1,4 +1,11 @@
-"""inference: using a trained checkpoint.
+"""inference: using a trained checkpoint (lab 09), and what lab 10 serves.
 
-generate.py   load a run's newest checkpoint and sample text: ``python -m labs_lib.inference.generate``
+cache.py      the KV cache (preallocated, or grown for an exported graph) and the cached forward of the GPT
+generate.py   batched, KV-cached generation: greedy, temperature, top-k, top-p, repetition penalty, beam search,
+              stop strings; the CLI ``python -m labs_lib.generate``
+export.py     a run to the Hugging Face GPT-2 format (with its tokenizer) or to ONNX with KV-cache inputs and
+              outputs; the CLI ``python -m labs_lib.export``
+quantize.py   weight-only int8 (per-channel scales) and int4 (group-wise) by hand, bf16 / fp16, torch's own int8
+prune.py      magnitude and structured (heads, MLP channels) pruning, and the recovery fine-tune
+distill.py    knowledge distillation of the GPT into a smaller student, and the same student from scratch
 """
