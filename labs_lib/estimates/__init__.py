@@ -5,4 +5,5 @@ activations.py activations per layer under TP / SP / recomputation (Megatron-sty
                many layers' worth a pipeline rank keeps in flight
 parallel.py    tensor parallelism's parameters and traffic per rank, the pipeline bubble
 deepspeed.py   what DeepSpeed 0.19.8 allocates per rank, derived from its code
+serving.py     the memory of serving: weights and KV cache by batch, sequence length and tensor parallelism
 """

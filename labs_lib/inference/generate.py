@@ -23,6 +23,7 @@ The uncached ``GPT.generate`` stays as the reference the tests hold this to.
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
         d = Decoding(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                      args.num_beams, args.length_penalty, stop=stop, seed=args.seed).check()
         model, tokenizer, meta = load_trained(args.checkpoint)
+        print(f"# step {meta['step']} of {args.checkpoint}", file=sys.stderr)
         for prompt in args.prompt or ["def "]:
             for i in range(args.num_samples):
                 text = generate_text(model, tokenizer, prompt, replace(d, seed=args.seed + i))[0]

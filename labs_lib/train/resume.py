@@ -3,7 +3,7 @@
     save_checkpoint(out, step, strategy, batches, meta, info, cfg)   # a collective: every rank calls it
     check_resumable(saved, parallel, cfg, world_size, path)          # before anything is written to the run folder
 
-The weights are single-device whatever the layout (``python -m labs_lib.inference.generate`` reads them with any);
+The weights are single-device whatever the layout (``python -m labs_lib.generate`` reads them with any);
 optimizer state is saved per shard (ZeRO rank, or (pp, tp) place), so resuming needs the layout it was written
 with: :func:`check_resumable` says which flags to resume with. ``LABS_FAULT_KILL_IN_CHECKPOINT=N`` SIGKILLs
 rank 0 while it writes the checkpoint of step N, before the commit (the resume tests' real kill; the previous
@@ -31,7 +31,7 @@ def check_resumable(saved: dict, parallel: ParallelConfig, cfg: TrainConfig, wor
     keys = ("tp", "pp", "pp_chunks", "ep")
     was = {k: saved.get("parallel", {}).get(k, 1) for k in keys}
     now = {k: getattr(parallel, k) for k in keys}
-    readable = "(its weights are single-device: python -m labs_lib.inference.generate reads them anyway)"
+    readable = "(its weights are single-device: python -m labs_lib.generate reads them anyway)"
     if was != now:
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in was.items())
         raise ValueError(f"{path} was written with {was}, this run has {now}: resume with {flags} {readable}")
