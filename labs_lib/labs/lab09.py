@@ -1,0 +1,273 @@
+"""Lab 09, inference and model reduction: the lab's model, its exercises' checks, and the measurements.
+
+    run = train_base(out)                                   # the lab's GPT through the one launcher (Slurm when up)
+    model, tokenizer, meta = load_trained(run); data = run_data(run)
+    serving_table(profile)                                  # weights vs KV cache: our GPT and GPT-3 175B, tp 1 / 8
+    check_cached_attention(fn); check_top_p(fn); check_quantize(fn)       # the three exercises
+    per_token_times(model, contexts)                        # a step with and without the cache, by context length
+    latency_s(model, prompt), tokens_per_s(model, prompt, batch)          # the course's measures
+    hf_baseline(model, tokenizer, prompt, out)              # transformers on the HF export: greedy, beams, latency
+    reduction_rows(model, data, out)                        # every reduction: bytes, latency, tokens/s, perplexity
+
+The generation, export and reductions are labs_lib.inference's; the expected values of the checks are computed
+here, out of the notebook's sight.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from labs_lib.core.config import get_profile
+from labs_lib.data.text import DataInfo, prepare_data
+from labs_lib.inference.cache import KVCache, forward_cached
+from labs_lib.inference.generate import Decoding, generate_ids, process_logits
+from labs_lib.labs.checks import check
+
+__all__ = ["MODEL", "STEPS", "NEW_TOKENS", "train_base", "run_data", "serving_table", "check_cached_attention",
+           "check_top_p", "check_quantize", "per_token_times", "latency_s", "tokens_per_s", "cache_speedup",
+           "hf_baseline"]
+
+# The lab's GPT per profile: a context long enough for the course's 128-token generations (and the benchmark's
+# 256), wide enough that a decoding step does real work (the ci profile's lab 01 GPT is all overhead).
+MODEL = {"ci": dict(n_layer=4, n_head=4, n_embd=192, block_size=320),
+         "cpu": dict(n_layer=4, n_head=4, n_embd=192, block_size=384),
+         "gpu": {}}
+STEPS = {"ci": 150, "cpu": 400, "gpu": None}
+NEW_TOKENS = 128  # the closed course's latency measure: a 128-token generation, median of 10
+
+
+def train_base(out: str | Path, profile: str | None = None, progress: bool = True) -> Path:
+    """Train the lab's GPT (2 ranks, data parallel) through the one launcher; returns the run folder."""
+    from labs_lib.jobs.launch import train_gpt
+
+    name = get_profile(profile).name
+    settings = dict(MODEL[name], **({"max_steps": STEPS[name]} if STEPS[name] else {}))
+    train_gpt(out, nodes=1, nproc_per_node=2, profile=profile, progress=progress, **settings)
+    return Path(out)
+
+
+def run_data(run: str | Path) -> DataInfo:
+    """The corpus a run trained on (its train / val tokens), from the run's config (prepared once, then cached)."""
+    train = json.loads((Path(run) / "config.json").read_text())["train"]
+    return prepare_data(train["data"], train["tokenizer_vocab"], train["corpus_max_bytes"], train["val_fraction"],
+                        progress=False)
+
+
+def serving_table(profile: str | None = None, batches=(1, 8, 32, 128)) -> list[dict]:
+    """Weights and KV cache per GPU (16-bit) at the full context: the lab's GPT, GPT-3 175B at tp 1 and 8."""
+    from labs_lib.estimates.memory import param_count
+    from labs_lib.estimates.serving import serving_rows
+    from labs_lib.planner.presets import model_preset
+
+    base = get_profile(profile)
+    cfg = base.model.__class__(**{**base.model.__dict__, **MODEL[base.name]})
+    gpt3 = model_preset("gpt3-175b")
+    rows = [dict(model="lab GPT", **r) for r in serving_rows(param_count(cfg), cfg.n_layer, cfg.n_embd,
+                                                             list(batches), cfg.block_size)]
+    for tp in (1, 8):
+        rows += [dict(model="GPT-3 175B", **r) for r in serving_rows(gpt3.params(), gpt3.layers, gpt3.hidden,
+                                                                     list(batches), gpt3.seq, tp=tp)]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ exercises
+
+def _exercise_attention(seed: int = 9):
+    from labs_lib.core.config import GPTConfig
+    from labs_lib.models.gpt import CausalSelfAttention
+
+    torch.manual_seed(seed)
+    attn = CausalSelfAttention(GPTConfig(vocab_size=64, block_size=32, n_layer=1, n_head=4, n_embd=32)).eval()
+    return attn, torch.randn(2, 12, 32)
+
+
+def check_cached_attention(fn) -> bool:
+    """Exercise 1: ``fn(attn, x_new, past_k, past_v) -> (y, k, v)`` is one decoding step of the attention with a
+    cache: it must give the full causal attention's output at the new position, and return the keys / values
+    with the new token's appended."""
+    if fn is None or fn is Ellipsis:
+        return check("cached attention", None, None, hint="write cached_attention(attn, x_new, past_k, past_v).")
+    attn, x = _exercise_attention()
+    with torch.no_grad():
+        full = attn(x)[:, -1:]
+        cache = KVCache(x.size(1))
+        forward_attention = _cache_of(attn, x[:, :-1], cache)
+        result = fn(attn, x[:, -1:], *forward_attention)
+    if result in (None, Ellipsis):
+        return check("cached attention", None, None, hint="cached_attention still returns ...: write its body.")
+    y, k, v = result
+    if tuple(k.shape) != (2, 4, x.size(1), 8) or tuple(v.shape) != tuple(k.shape):
+        raise AssertionError(f"❌ cached attention: keys and values must be (batch, heads, past + 1, head_dim) = "
+                             f"(2, 4, {x.size(1)}, 8), got {tuple(k.shape)}: concatenate the new ones on dim 2")
+    if not torch.allclose(y, full, atol=1e-5):
+        raise AssertionError("❌ cached attention: the output differs from the full causal attention's at the new "
+                             "position: attend with the new query over all keys (no causal mask needed for one "
+                             "query), then apply attn.proj")
+    print("✅ cached attention: one step with the cache gives the full attention's output")
+    return True
+
+
+def _cache_of(attn, x, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values the attention computes for ``x`` (B, T, C): what a cache holds after the prompt."""
+    B, T, _ = x.shape
+    _, k, v = attn.qkv(x).chunk(3, dim=-1)
+    k, v = (t.view(B, T, -1, attn.head_dim).transpose(1, 2) for t in (k, v))
+    return cache.update(0, k, v)
+
+
+def check_top_p(fn) -> bool:
+    """Exercise 2: ``fn(logits, p)`` returns the logits with every token outside the nucleus set to -inf."""
+    if fn is None or fn is Ellipsis:
+        return check("top-p", None, None, hint="write top_p_filter(logits, p).")
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2)) * 3
+    none = torch.zeros(4, 1, dtype=torch.long)
+    for p in (0.5, 0.9, 1.0):
+        got = fn(logits.clone(), p)
+        if got is None or got is Ellipsis:
+            return check("top-p", None, None, hint="top_p_filter still returns ...: write its body.")
+        want = process_logits(logits, none, torch.zeros_like(none, dtype=torch.bool), Decoding(temperature=1.0,
+                                                                                               top_p=p))
+        if not torch.equal(got.isfinite(), want.isfinite()):
+            kept, wanted = int(got.isfinite().sum()), int(want.isfinite().sum())
+            raise AssertionError(f"❌ top-p, p={p}: kept {kept} tokens, expected {wanted}: keep the most likely "
+                                 "tokens until their probabilities sum to at least p (always the best one)")
+        if not torch.allclose(got[got.isfinite()], logits[want.isfinite()]):
+            raise AssertionError(f"❌ top-p, p={p}: the kept logits changed: only set the others to -inf")
+    print("✅ top-p: the nucleus is right for p = 0.5, 0.9 and 1")
+    return True
+
+
+def check_quantize(fn) -> bool:
+    """Exercise 3: ``fn(w) -> (q, scale)``: symmetric int8 per output channel (row), error at most scale / 2."""
+    if fn is None or fn is Ellipsis:
+        return check("int8 per channel", None, None, hint="write quantize_per_channel(w).")
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(3)) * torch.linspace(0.01, 2, 48)[:, None]
+    result = fn(w.clone())
+    if result is None or result is Ellipsis:
+        return check("int8 per channel", None, None, hint="quantize_per_channel still returns ...: write its body.")
+    q, scale = result
+    if q.dtype != torch.int8 or tuple(q.shape) != (48, 64):
+        raise AssertionError(f"❌ int8 per channel: q must be int8 of w's shape (48, 64), got {q.dtype} "
+                             f"{tuple(q.shape)}")
+    scale = scale.reshape(-1, 1).float()
+    if scale.numel() != 48:
+        raise AssertionError(f"❌ int8 per channel: one scale per output row (48), got {scale.numel()}")
+    want = w.abs().amax(dim=1, keepdim=True) / 127
+    if not torch.allclose(scale, want, rtol=1e-5):
+        raise AssertionError("❌ int8 per channel: scale = max |w| of the row / 127 (symmetric: the largest value "
+                             "maps to ±127)")
+    error = (q.float() * scale - w).abs()
+    if bool((error > scale / 2 + 1e-6).any()):
+        raise AssertionError("❌ int8 per channel: some values are off by more than half a step: round to the "
+                             "nearest integer (torch.round), then clamp to [-127, 127]")
+    print(f"✅ int8 per channel: error at most scale / 2 (largest {float((error / scale).max()):.3f} steps)")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+
+def _prompt_batch(prompt: list[int], batch: int) -> list[list[int]]:
+    return [list(prompt) for _ in range(batch)]
+
+
+def latency_s(model, prompt: list[int], new_tokens: int = NEW_TOKENS, runs: int = 10) -> float:
+    """The median wall time of a ``new_tokens``-token greedy generation at batch 1 (after one warm-up)."""
+    d = Decoding(new_tokens, temperature=0)
+    generate_ids(model, [prompt], Decoding(4, temperature=0))
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        generate_ids(model, [prompt], d)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def tokens_per_s(model, prompt: list[int], batch: int, new_tokens: int = NEW_TOKENS, runs: int = 3) -> float:
+    """Generated tokens per second at ``batch`` sequences (greedy, the best of ``runs``)."""
+    d = Decoding(new_tokens, temperature=0)
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        generate_ids(model, _prompt_batch(prompt, batch), d)
+        best = min(best, time.perf_counter() - start)
+    return batch * new_tokens / best
+
+
+@torch.no_grad()
+def per_token_times(model, contexts: list[int], repeats: int = 5) -> list[dict]:
+    """Seconds for one new token at each context length: the whole context again (no cache) vs one token with
+    the cache (median of ``repeats``)."""
+    rows = []
+    for context in contexts:
+        ids = torch.randint(0, model.config.vocab_size, (1, context + 1))
+        uncached, cached = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(ids)
+            uncached.append(time.perf_counter() - start)
+            cache = KVCache(context + 1)
+            forward_cached(model, ids[:, :context], cache, torch.arange(context)[None])
+            start = time.perf_counter()
+            forward_cached(model, ids[:, context:], cache, torch.tensor([[context]]))
+            cached.append(time.perf_counter() - start)
+        rows.append({"context": context, "uncached_s": statistics.median(uncached),
+                     "cached_s": statistics.median(cached)})
+    return rows
+
+
+def cache_speedup(model, prompt: list[int], new_tokens: int = 256) -> dict:
+    """Wall time of ``new_tokens`` greedy tokens recomputing the context each step (GPT.generate) vs with the
+    KV cache; both produce the same tokens (checked)."""
+    start = time.perf_counter()
+    reference = model.generate(torch.tensor([prompt]), new_tokens, temperature=0)[0, len(prompt):].tolist()
+    uncached = time.perf_counter() - start
+    start = time.perf_counter()
+    cached_ids = generate_ids(model, [prompt], Decoding(new_tokens, temperature=0))[0]
+    cached = time.perf_counter() - start
+    if cached_ids != reference:
+        raise AssertionError("the cached generation departs from the reference: a bug in labs_lib.inference.cache")
+    return {"new_tokens": new_tokens, "uncached_s": uncached, "cached_s": cached, "speedup": uncached / cached}
+
+
+def hf_baseline(model, tokenizer, prompt: str, out: str | Path, new_tokens: int = NEW_TOKENS, runs: int = 10,
+                num_beams: int = 5, repetition_penalty: float = 1.3) -> dict:
+    """The closed course's starting point, on our GPT: exported to the HF format, run by transformers in eval
+    mode. Returns its greedy and beam-search texts and the median latency of a ``new_tokens``-token greedy
+    generation, beside ours on the same weights and threads."""
+    from transformers import GPT2LMHeadModel
+
+    from labs_lib.inference.export import export_hf_model
+    from labs_lib.models.hf import _quiet_transformers
+
+    path = export_hf_model(model, tokenizer, out)
+    with _quiet_transformers():
+        hf = GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True).eval()
+    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    common = dict(max_new_tokens=new_tokens, pad_token_id=hf.config.eos_token_id)
+
+    def text(generated):
+        return tokenizer.decode(generated[0, ids.size(1):].tolist())
+
+    with torch.no_grad(), _quiet_transformers():
+        greedy = text(hf.generate(ids, do_sample=False, **common))
+        beams = text(hf.generate(ids, do_sample=False, num_beams=num_beams, repetition_penalty=repetition_penalty,
+                                 **common))
+        fixed = dict(common, min_new_tokens=new_tokens, do_sample=False)  # exactly new_tokens, like ours
+        hf.generate(ids, **dict(fixed, max_new_tokens=4, min_new_tokens=4))
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            hf.generate(ids, **fixed)
+            times.append(time.perf_counter() - start)
+    return {"greedy": greedy, "beams": beams, "hf_latency_s": statistics.median(times),
+            "our_latency_s": latency_s(model, ids[0].tolist(), new_tokens, runs)}
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
