@@ -4,9 +4,9 @@
     model, tokenizer, meta = load_trained(run); data = run_data(run)
     serving_table(profile)                                  # weights vs KV cache: our GPT and GPT-3 175B, tp 1 / 8
     check_cached_attention(fn); check_top_p(fn); check_quantize(fn)       # the three exercises
-    per_token_times(model, contexts)                        # a step with and without the cache, by context length
+    per_token_times(model, contexts), flop_ratio(model)     # a step with and without the cache, by context length
     latency_s(model, prompt), tokens_per_s(model, prompt, batch)          # the course's measures
-    hf_baseline(model, tokenizer, prompt, out)              # transformers on the HF export: greedy, beams, latency
+    hf_baseline(run, out, prompt)                           # transformers on the HF export: greedy, beams, latency
     reduction_rows(model, data, out)                        # every reduction: bytes, latency, tokens/s, perplexity
 
 The generation, export and reductions are labs_lib.inference's; the expected values of the checks are computed
@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from labs_lib.core.config import get_profile
 from labs_lib.data.text import DataInfo, prepare_data
@@ -30,7 +29,7 @@ from labs_lib.inference.generate import Decoding, generate_ids, process_logits
 from labs_lib.labs.checks import check
 
 __all__ = ["MODEL", "STEPS", "NEW_TOKENS", "train_base", "run_data", "serving_table", "check_cached_attention",
-           "check_top_p", "check_quantize", "per_token_times", "latency_s", "tokens_per_s", "cache_speedup",
+           "check_top_p", "check_quantize", "per_token_times", "flop_ratio", "latency_s", "tokens_per_s", "cache_speedup",
            "hf_baseline"]
 
 # The lab's GPT per profile: a context long enough for the course's 128-token generations (and the benchmark's
@@ -43,12 +42,13 @@ NEW_TOKENS = 128  # the closed course's latency measure: a 128-token generation,
 
 
 def train_base(out: str | Path, profile: str | None = None, progress: bool = True) -> Path:
-    """Train the lab's GPT (2 ranks, data parallel) through the one launcher; returns the run folder."""
+    """Train the lab's GPT (one rank: two on two cores would not be faster) through the one launcher; returns the
+    run folder."""
     from labs_lib.jobs.launch import train_gpt
 
     name = get_profile(profile).name
     settings = dict(MODEL[name], **({"max_steps": STEPS[name]} if STEPS[name] else {}))
-    train_gpt(out, nodes=1, nproc_per_node=2, profile=profile, progress=progress, **settings)
+    train_gpt(out, nodes=1, nproc_per_node=1, profile=profile, progress=progress, **settings)
     return Path(out)
 
 
@@ -221,6 +221,14 @@ def per_token_times(model, contexts: list[int], repeats: int = 5) -> list[dict]:
     return rows
 
 
+def flop_ratio(model):
+    """FLOPs of a step without the cache over a step with it, at context c (forward only): the whole context
+    (2·N per token, and attention's 2·L·h·c² for all queries) against one token (2·N, and 4·L·h·c for one
+    query over c keys). N: the parameters used in matmuls (all but the position embedding)."""
+    n, layers, h = model.num_params(non_embedding=True), model.config.n_layer, model.config.n_embd
+    return lambda c: (2 * n * c + 2 * layers * h * c * c) / (2 * n + 4 * layers * h * c)
+
+
 def cache_speedup(model, prompt: list[int], new_tokens: int = 256) -> dict:
     """Wall time of ``new_tokens`` greedy tokens recomputing the context each step (GPT.generate) vs with the
     KV cache; both produce the same tokens (checked)."""
@@ -235,17 +243,19 @@ def cache_speedup(model, prompt: list[int], new_tokens: int = 256) -> dict:
     return {"new_tokens": new_tokens, "uncached_s": uncached, "cached_s": cached, "speedup": uncached / cached}
 
 
-def hf_baseline(model, tokenizer, prompt: str, out: str | Path, new_tokens: int = NEW_TOKENS, runs: int = 10,
+def hf_baseline(run: str | Path, out: str | Path, prompt: str, new_tokens: int = NEW_TOKENS, runs: int = 10,
                 num_beams: int = 5, repetition_penalty: float = 1.3) -> dict:
-    """The closed course's starting point, on our GPT: exported to the HF format, run by transformers in eval
-    mode. Returns its greedy and beam-search texts and the median latency of a ``new_tokens``-token greedy
-    generation, beside ours on the same weights and threads."""
+    """The closed course's starting point, on our GPT: the run exported to the HF format (``out``), run by
+    transformers in eval mode. Returns its greedy and beam-search texts and the median latency of a
+    ``new_tokens``-token greedy generation, beside ours on the same weights and threads."""
     from transformers import GPT2LMHeadModel
 
-    from labs_lib.inference.export import export_hf_model
+    from labs_lib.inference.export import export_hf_run
+    from labs_lib.inference.generate import load_trained
     from labs_lib.models.hf import _quiet_transformers
 
-    path = export_hf_model(model, tokenizer, out)
+    model, tokenizer, _ = load_trained(run)
+    path = export_hf_run(run, out)
     with _quiet_transformers():
         hf = GPT2LMHeadModel.from_pretrained(str(path), local_files_only=True).eval()
     ids = torch.tensor([tokenizer.encode(prompt).ids])
@@ -267,7 +277,3 @@ def hf_baseline(model, tokenizer, prompt: str, out: str | Path, new_tokens: int 
             times.append(time.perf_counter() - start)
     return {"greedy": greedy, "beams": beams, "hf_latency_s": statistics.median(times),
             "our_latency_s": latency_s(model, ids[0].tolist(), new_tokens, runs)}
-
-
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))

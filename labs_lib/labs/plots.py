@@ -325,3 +325,61 @@ def plot_dropped(rows: list[dict], formula=None, ax=None):
     ax.grid(alpha=0.3)
     ax.legend()
     return ax
+
+
+# ---------------------------------------------------------------------------------------------------- inference
+
+def plot_serving_memory(rows: list[dict], gpu_gb: float = 80, ax=None):
+    """Weights (flat) and KV cache (growing) per GPU against the batch, one colour per model and TP degree."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for key in dict.fromkeys((r["model"], r["tp"]) for r in rows):
+        sel = [r for r in rows if (r["model"], r["tp"]) == key]
+        label = f"{key[0]}, tp {key[1]}"
+        line, = ax.plot([r["batch"] for r in sel], [r["kv_cache_gb"] for r in sel], "o-", label=f"{label}: KV cache")
+        ax.plot([r["batch"] for r in sel], [r["weights_gb"] for r in sel], "--", color=line.get_color(),
+                label=f"{label}: weights")
+    ax.axhline(gpu_gb, color="k", lw=1, ls=":", label=f"one {gpu_gb:g} GB GPU")
+    ax.set(xscale="log", yscale="log", xlabel="sequences in flight (each at the full context)",
+           ylabel="GB per GPU (16-bit)", title="serving memory: the KV cache grows, the weights do not")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_per_token_times(rows: list[dict], flop_ratio=None, ax=None):
+    """Milliseconds per new token with and without the KV cache by context length; the measured ratio beside the
+    ratio of FLOPs (``flop_ratio(context)``), the formula's promise."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    contexts = [r["context"] for r in rows]
+    ax.plot(contexts, [1e3 * r["uncached_s"] for r in rows], "o-", label="no cache: the whole context again")
+    ax.plot(contexts, [1e3 * r["cached_s"] for r in rows], "o-", label="KV cache: one token")
+    ax.set(xlabel="context length (tokens)", ylabel="ms per new token", title="one decoding step")
+    ax.grid(alpha=0.3)
+    ratio = ax.twinx()
+    ratio.plot(contexts, [r["uncached_s"] / r["cached_s"] for r in rows], "k.:", label="measured ratio")
+    if flop_ratio is not None:
+        ratio.plot(contexts, [flop_ratio(c) for c in contexts], "k--", lw=1, label="FLOP ratio (formula)")
+    ratio.set(ylabel="no cache / cache")
+    lines = ax.get_legend_handles_labels()
+    more = ratio.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=8, loc="upper left")
+    return ax
+
+
+def plot_reductions(rows: list[dict], axes=None):
+    """Each reduction's size against its validation perplexity, and its 128-token latency."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 4))
+    size_ax, time_ax = axes
+    for r in rows:
+        size_ax.scatter(r["MB"], r["perplexity"])
+        size_ax.annotate(r["variant"], (r["MB"], r["perplexity"]), fontsize=8, xytext=(3, 3),
+                         textcoords="offset points")
+    size_ax.set(xscale="log", xlabel="size (MB, log)", ylabel="validation perplexity", title="smaller vs worse")
+    size_ax.grid(alpha=0.3)
+    time_ax.barh([r["variant"] for r in rows], [1e3 * r["latency_s"] for r in rows])
+    time_ax.set(xlabel="ms for a 128-token generation (median of 10)", title="latency at batch 1")
+    time_ax.invert_yaxis()
+    return axes
