@@ -29,8 +29,8 @@ from labs_lib.inference.generate import Decoding, generate_ids, process_logits
 from labs_lib.labs.checks import check
 
 __all__ = ["MODEL", "STEPS", "NEW_TOKENS", "train_base", "run_data", "serving_table", "check_cached_attention",
-           "check_top_p", "check_quantize", "per_token_times", "flop_ratio", "latency_s", "tokens_per_s", "cache_speedup",
-           "hf_baseline"]
+           "check_top_p", "check_quantize", "per_token_times", "flop_ratio", "latency_s", "tokens_per_s",
+           "cache_speedup", "hf_baseline"]
 
 # The lab's GPT per profile: a context long enough for the course's 128-token generations (and the benchmark's
 # 256), wide enough that a decoding step does real work (the ci profile's lab 01 GPT is all overhead).
