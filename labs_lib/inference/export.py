@@ -177,7 +177,7 @@ def export_onnx(model: GPT, out: str | Path, tokenizer=None, eos_token_id: int |
         with torch.no_grad(), _quiet_exporter():
             program = torch.onnx.export(_KVGraph(model.eval()), _example_inputs(model), input_names=inputs,
                                         output_names=outputs, dynamic_shapes=(*dims[:3], tuple(dims[3:])),
-                                        dynamo=True, external_data=False, verbose=False)
+                                        dynamo=True, verbose=False)
     finally:
         model.train(training)
     config = {"format": "onnx", "model": ONNX_FILE, "tokenizer": "tokenizer.json" if tokenizer is not None else None,
@@ -186,7 +186,7 @@ def export_onnx(model: GPT, out: str | Path, tokenizer=None, eos_token_id: int |
               "dtype": "float32", "inputs": inputs, "outputs": outputs}
     # The same facts inside the graph: a session alone knows its context and end of text.
     program.model.metadata_props.update({k: json.dumps(config[k]) for k in ("block_size", "eos_token_id")})
-    program.save(str(out / ONNX_FILE))
+    program.save(str(out / ONNX_FILE))  # over 2 GB the weights go beside it (model.onnx.data); ORT finds them
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out / ONNX_FILE
 
