@@ -118,8 +118,9 @@ def forward_cached(model: GPT, idx: torch.Tensor, cache, positions: torch.Tensor
     """Logits (B, T, vocab) of tokens ``idx`` (B, T) at ``positions`` (B, T), after the ``cache.length`` tokens the
     cache holds; their keys and values are added to the cache. ``key_mask`` (B, cache.length + T): real tokens.
 
-    Eval mode only (no dropout); positions past the model's context are refused."""
-    if int(positions.max()) >= model.config.block_size:
+    Eval mode only (no dropout); positions past the model's context are refused (in an exported graph, where a
+    tensor cannot become a Python number, by ONNX Runtime's lookup of the position embedding instead)."""
+    if not torch.compiler.is_exporting() and int(positions.max()) >= model.config.block_size:
         raise ValueError(f"position {int(positions.max())} is past the model's context of {model.config.block_size} "
                          "tokens: shorten the prompt or generate fewer new tokens")
     mask = attention_mask(key_mask, cache.length, idx.size(1))

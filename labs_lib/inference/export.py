@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from labs_lib.data.text import EOT
-from labs_lib.inference.cache import GrowingCache, _attend, attention_mask
+from labs_lib.inference.cache import GrowingCache, forward_cached
 from labs_lib.inference.generate import load_trained
 from labs_lib.models.gpt import GPT
 from labs_lib.models.hf import export_hf
@@ -102,19 +102,6 @@ def onnx_names(n_layer: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "position_ids", "attention_mask", *past], ["logits", *present]
 
 
-def _graph_forward(model: GPT, idx: torch.Tensor, cache: GrowingCache, positions: torch.Tensor,
-                   key_mask: torch.Tensor) -> torch.Tensor:
-    """``cache.forward_cached`` without its position check: that check reads a tensor into a Python int, which a
-    traced graph cannot do (torch.export fails on it). Positions past the context fail in ONNX Runtime's Gather.
-    Same modules, same attention (``cache._attend``); the tests hold the graph to ``forward_cached``."""
-    mask = attention_mask(key_mask, cache.length, idx.size(1))
-    x = model.tok_emb(idx) + model.pos_emb(positions)
-    for layer, block in enumerate(model.blocks):
-        x = x + _attend(block.attn, block.ln_1(x), cache, layer, mask)
-        x = x + block.mlp(block.ln_2(x))
-    return model.lm_head(model.ln_f(x))
-
-
 class _KVGraph(nn.Module):
     """The exported module: tokens, positions, mask and every layer's past in; logits and every layer's present out."""
 
@@ -124,7 +111,7 @@ class _KVGraph(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, *past):
         cache = GrowingCache(list(zip(past[0::2], past[1::2])))
-        logits = _graph_forward(self.model, input_ids, cache, position_ids, attention_mask)
+        logits = forward_cached(self.model, input_ids, cache, position_ids, attention_mask)
         return (logits, *[t for kv in cache.present for t in kv])
 
 
