@@ -15,4 +15,7 @@ lab07.py    07 auto-tuning: GPT-3 on paper, this machine calibrated, the planner
             memory cap, our autotuner and DeepSpeed's (labs_lib.planner)
 lab08.py    08 mixture of experts: the routing exercises and their checks, tokens dropped against capacity
             (labs_lib.models.moe, labs_lib.parallel.experts)
+lab09.py    09 inference and model reduction: the lab's GPT, the serving table, the exercise checks (cached
+            attention, top-p, int8 per channel), the cache's saving, the HF baseline, every reduction measured
+            (labs_lib.inference, labs_lib.estimates.serving)
 """

@@ -277,3 +277,84 @@ def hf_baseline(run: str | Path, out: str | Path, prompt: str, new_tokens: int =
             times.append(time.perf_counter() - start)
     return {"greedy": greedy, "beams": beams, "hf_latency_s": statistics.median(times),
             "our_latency_s": latency_s(model, ids[0].tolist(), new_tokens, runs)}
+
+
+# ------------------------------------------------------------------------------------------------- reductions
+
+EVAL_SEQ = 128  # perplexity windows, and the fine-tunes' sequence length: one measure for every row
+EVAL_BATCHES = 8
+
+
+def measure(model, variant: str, data: DataInfo, prompt: list[int], runs: int = 10, batch: int = 8) -> dict:
+    """One row of the reduction table: bytes, the course's latency (128 tokens, median of ``runs``), generated
+    tokens/s at batch 1 and ``batch``, validation perplexity."""
+    from labs_lib.inference.distill import perplexity
+    from labs_lib.inference.quantize import model_bytes
+
+    return {"variant": variant, "MB": model_bytes(model) / 1e6, "latency_s": latency_s(model, prompt, runs=runs),
+            "tok/s b1": tokens_per_s(model, prompt, 1, runs=1), f"tok/s b{batch}": tokens_per_s(model, prompt, batch,
+                                                                                             runs=1),
+            "perplexity": perplexity(model, data.val_path, EVAL_SEQ, EVAL_BATCHES)}
+
+
+def quantization_rows(model, data: DataInfo, prompt: list[int], runs: int = 10) -> list[dict]:
+    """fp32, bf16, fp16, int8 weight-only (ours), torch's dynamic int8, int4 weight-only (groups of 32)."""
+    from labs_lib.inference.quantize import cast, quantize_model, torch_int8
+
+    variants = {"fp32": model, "bf16": cast(model, torch.bfloat16), "fp16": cast(model, torch.float16),
+                "int8 weight-only (ours)": quantize_model(model, bits=8),
+                "int8 dynamic (torch)": torch_int8(model),
+                "int4 weight-only, groups of 32 (ours)": quantize_model(model, bits=4, group_size=32)}
+    return [measure(m, name, data, prompt, runs) for name, m in variants.items()]
+
+
+def _fine_tune_settings(profile: str | None) -> dict:
+    steps = {"ci": 30, "cpu": 100, "gpu": 300}[get_profile(profile).name]
+    return dict(steps=steps, lr=3e-4, batch_size=8, seq_len=EVAL_SEQ)  # the rate training ended at: no jolt
+
+
+def pruning_rows(model, data: DataInfo, prompt: list[int], out: str | Path, profile: str | None = None,
+                 runs: int = 10) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Half of every block matrix zeroed by magnitude, half the heads, half the MLP channels: each measured
+    before and after a short recovery fine-tune. Returns (rows, the fine-tunes' records)."""
+    import copy
+
+    from labs_lib.inference.prune import magnitude_prune, prune_heads, prune_mlp, recover
+
+    out, tune = Path(out), _fine_tune_settings(profile)
+    rows, records = [], {}
+    for name in ("magnitude 50%", "heads 50%", "MLP channels 50%"):
+        pruned, masks = copy.deepcopy(model), None
+        if name.startswith("magnitude"):
+            masks = magnitude_prune(pruned, 0.5)  # zeros in place; the masks keep them zero while it recovers
+        elif name.startswith("heads"):
+            prune_heads(pruned, keep_heads=max(1, model.config.n_head // 2))
+        else:
+            prune_mlp(pruned, keep_fraction=0.5)
+        rows.append(measure(pruned, f"{name}, pruned", data, prompt, runs))
+        records[name] = recover(pruned, data.train_path, out=out / name.replace(" ", "_").replace("%", ""),
+                                masks=masks, val_path=data.val_path, **tune)
+        pruned.eval()
+        rows.append(measure(pruned, f"{name}, recovered", data, prompt, runs))
+    return rows, records
+
+
+def distillation(model, data: DataInfo, out: str | Path, profile: str | None = None,
+                 steps: int | None = None) -> dict:
+    """A student of half the parameters distilled from ``model``, and the same student (same initial weights,
+    batches and steps) from scratch. Returns both models and their records."""
+    import copy
+
+    from labs_lib.inference.distill import distill, half_size_config, train_from_scratch
+    from labs_lib.models.gpt import GPT
+
+    out = Path(out)
+    steps = steps or {"ci": 120, "cpu": 400, "gpu": 1000}[get_profile(profile).name]
+    tune = dict(_fine_tune_settings(profile), steps=steps, lr=3e-3)
+    torch.manual_seed(0)
+    student = GPT(half_size_config(model.config))
+    scratch = copy.deepcopy(student)
+    distilled = distill(model, student, data.train_path, out=out / "distilled", val_path=data.val_path, **tune)
+    baseline = train_from_scratch(scratch, data.train_path, out=out / "scratch", val_path=data.val_path, **tune)
+    return {"student": student.eval(), "scratch": scratch.eval(), "records": {"distilled": distilled,
+                                                                               "from scratch": baseline}}
