@@ -220,14 +220,18 @@ def test_moe_run_is_refused_with_the_fix(trained_run, tmp_path):
             export.main(["--checkpoint", str(run), "--format", fmt, "--out", str(tmp_path / fmt)])
 
 
-def test_tensor_parallel_run_exports_like_its_single_device_load(tmp_path):
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2, micro_batches=2), dict(zero_stage=3)],
+                         ids=["tp2", "pp2", "zero3"])
+def test_a_parallel_run_exports_like_its_single_device_load(tmp_path, layout):
+    """TP, PP and ZeRO-3 runs (2 ranks) save whole single-device weights: they load and export like any run."""
     from transformers import GPT2LMHeadModel
 
-    run = tmp_path / "tp"
-    run_train(run, nproc=2, tp=2, max_steps=4, warmup_steps=1, block_size=64, eval_interval=4,
-              checkpoint_interval=4, env={"OMP_NUM_THREADS": "1"})
+    run = tmp_path / "run"
+    run_train(run, nproc=2, max_steps=4, warmup_steps=1, block_size=64, eval_interval=4, checkpoint_interval=4,
+              env={"OMP_NUM_THREADS": "1"}, **layout)
     model, _, meta = load_trained(run)
-    assert meta["parallel"]["tp"] == 2
+    saved = dict(meta["parallel"], zero_stage=meta["train"]["zero_stage"])
+    assert all(saved[k] == v for k, v in layout.items()), meta
     hf_model = GPT2LMHeadModel.from_pretrained(export.export_hf_run(run, tmp_path / "hf"), local_files_only=True)
     batch = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

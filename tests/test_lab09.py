@@ -100,3 +100,19 @@ def test_the_cache_speedup_and_per_token_times_measure_the_same_tokens(trained_r
     assert [r["context"] for r in rows] == [16, 64] and all(r["cached_s"] > 0 for r in rows)
     assert lab09.latency_s(model, prompt, new_tokens=8, runs=2) > 0
     assert lab09.tokens_per_s(model, prompt, batch=2, new_tokens=8, runs=1) > 0
+
+
+def test_a_reduction_row_measures_size_speed_and_perplexity(trained_run):
+    from labs_lib.inference.distill import perplexity
+    from labs_lib.inference.quantize import cast, model_bytes
+
+    model, tokenizer, _ = load_trained(trained_run)
+    data = lab09.run_data(trained_run)
+    prompt = tokenizer.encode("import os").ids
+    row = lab09.measure(model, "fp32", data, prompt, runs=2)
+    assert row["MB"] == model_bytes(model) / 1e6 == 4 * model.num_params() / 1e6
+    assert row["perplexity"] == perplexity(model, data.val_path, lab09.EVAL_SEQ, lab09.EVAL_BATCHES)
+    assert row["latency ms"] > 0 and row["tok/s b8"] > 0
+    half = lab09.measure(cast(model, torch.bfloat16), "bf16", data, prompt, speed=False)
+    assert half["MB"] == row["MB"] / 2 and half["latency ms"] == ""
+    assert abs(half["perplexity"] / row["perplexity"] - 1) < 0.02

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from labs_lib.core.config import get_profile
 from labs_lib.data.text import eval_batches
+from labs_lib.estimates.memory import param_count
 from labs_lib.inference import distill as D
 from labs_lib.inference import prune as P
 from labs_lib.inference import quantize as Q
@@ -247,7 +248,7 @@ def test_kd_loss_parts():
 
 def test_half_size_student(trained):
     student = D.half_size_config(trained.config)
-    assert abs(D.param_count(student) / trained.num_params() - 0.5) < 0.05
+    assert abs(param_count(student) / trained.num_params() - 0.5) < 0.05
     assert (student.n_layer, student.n_head, student.vocab_size, student.block_size) == (
         trained.config.n_layer, trained.config.n_head, trained.config.vocab_size, trained.config.block_size)
 

@@ -27,17 +27,11 @@ import torch.nn.functional as F
 
 from labs_lib.core.config import GPTConfig
 from labs_lib.data.text import eval_batches
+from labs_lib.estimates.memory import param_count
 from labs_lib.inference.prune import fine_tune
-from labs_lib.models.gpt import GPT
 from labs_lib.train.steps import evaluate
 
-__all__ = ["param_count", "half_size_config", "kd_loss", "distill", "train_from_scratch", "perplexity"]
-
-
-def param_count(config: GPTConfig) -> int:
-    """The GPT's parameter count (tied matrix once), built on the meta device: no memory, no init."""
-    with torch.device("meta"):
-        return GPT(config).num_params()
+__all__ = ["half_size_config", "kd_loss", "distill", "train_from_scratch", "perplexity"]
 
 
 def half_size_config(config: GPTConfig, fraction: float = 0.5) -> GPTConfig:

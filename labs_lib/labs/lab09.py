@@ -1,6 +1,7 @@
 """Lab 09, inference and model reduction: the lab's model, its exercises' checks, and the measurements.
 
     run = train_base(out)                                   # the lab's GPT through the one launcher (Slurm when up)
+    print_setup(lab_profile())                              # (labs.common) the profile with the lab's GPT
     model, tokenizer, meta = load_trained(run); data = run_data(run)
     serving_table(profile)                                  # weights vs KV cache: our GPT and GPT-3 175B, tp 1 / 8
     check_cached_attention(fn); check_top_p(fn); check_quantize(fn)       # the three exercises
@@ -18,27 +19,36 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from labs_lib.core.config import get_profile
+from labs_lib.core.config import Profile, get_profile, override
 from labs_lib.data.text import DataInfo, prepare_data
 from labs_lib.inference.cache import KVCache, forward_cached
 from labs_lib.inference.generate import Decoding, generate_ids, process_logits
 from labs_lib.labs.checks import check
 
-__all__ = ["MODEL", "STEPS", "NEW_TOKENS", "train_base", "run_data", "serving_table", "check_cached_attention",
-           "check_top_p", "check_quantize", "per_token_times", "flop_ratio", "latency_s", "tokens_per_s",
-           "cache_speedup", "hf_baseline"]
+__all__ = ["MODEL", "STEPS", "NEW_TOKENS", "EVAL_SEQ", "lab_profile", "train_base", "run_data", "serving_table",
+           "check_cached_attention", "check_top_p", "check_quantize", "per_token_times", "flop_ratio", "latency_s",
+           "tokens_per_s", "cache_speedup", "hf_baseline", "measure", "quantization_rows", "pruning_rows",
+           "distillation"]
 
 # The lab's GPT per profile: a context long enough for the course's 128-token generations (and the benchmark's
 # 256), wide enough that a decoding step does real work (the ci profile's lab 01 GPT is all overhead).
 MODEL = {"ci": dict(n_layer=4, n_head=4, n_embd=192, block_size=320),
          "cpu": dict(n_layer=4, n_head=4, n_embd=192, block_size=384),
          "gpu": {}}
-STEPS = {"ci": 150, "cpu": 400, "gpu": None}
+STEPS = {"ci": 300, "cpu": 600, "gpu": None}  # a teacher the half-size student can learn from
 NEW_TOKENS = 128  # the closed course's latency measure: a 128-token generation, median of 10
+
+
+def lab_profile(profile: str | None = None) -> Profile:
+    """The run profile with the lab's GPT and training steps in place of the profile's own."""
+    base = get_profile(profile)
+    steps = STEPS[base.name] or base.train.max_steps
+    return replace(base, model=override(base.model, **MODEL[base.name]), train=override(base.train, max_steps=steps))
 
 
 def train_base(out: str | Path, profile: str | None = None, progress: bool = True) -> Path:
@@ -65,8 +75,7 @@ def serving_table(profile: str | None = None, batches=(1, 8, 32, 128)) -> list[d
     from labs_lib.estimates.serving import serving_rows
     from labs_lib.planner.presets import model_preset
 
-    base = get_profile(profile)
-    cfg = base.model.__class__(**{**base.model.__dict__, **MODEL[base.name]})
+    cfg = lab_profile(profile).model
     gpt3 = model_preset("gpt3-175b")
     rows = [dict(model="lab GPT", **r) for r in serving_rows(param_count(cfg), cfg.n_layer, cfg.n_embd,
                                                              list(batches), cfg.block_size)]
@@ -285,16 +294,20 @@ EVAL_SEQ = 128  # perplexity windows, and the fine-tunes' sequence length: one m
 EVAL_BATCHES = 8
 
 
-def measure(model, variant: str, data: DataInfo, prompt: list[int], runs: int = 10, batch: int = 8) -> dict:
+def measure(model, variant: str, data: DataInfo, prompt: list[int], runs: int = 10, batch: int = 8,
+            speed: bool = True) -> dict:
     """One row of the reduction table: bytes, the course's latency (128 tokens, median of ``runs``), generated
-    tokens/s at batch 1 and ``batch``, validation perplexity."""
+    tokens/s at batch 1 and ``batch``, validation perplexity. ``speed=False``: size and perplexity only."""
     from labs_lib.inference.distill import perplexity
     from labs_lib.inference.quantize import model_bytes
 
-    return {"variant": variant, "MB": model_bytes(model) / 1e6, "latency_s": latency_s(model, prompt, runs=runs),
-            "tok/s b1": tokens_per_s(model, prompt, 1, runs=1), f"tok/s b{batch}": tokens_per_s(model, prompt, batch,
-                                                                                             runs=1),
-            "perplexity": perplexity(model, data.val_path, EVAL_SEQ, EVAL_BATCHES)}
+    row = {"variant": variant, "MB": model_bytes(model) / 1e6, "latency ms": "", "tok/s b1": "",
+           f"tok/s b{batch}": "", "perplexity": perplexity(model, data.val_path, EVAL_SEQ, EVAL_BATCHES)}
+    if speed:
+        row.update({"latency ms": 1e3 * latency_s(model, prompt, runs=runs),
+                    "tok/s b1": tokens_per_s(model, prompt, 1, runs=1),
+                    f"tok/s b{batch}": tokens_per_s(model, prompt, batch, runs=1)})
+    return row
 
 
 def quantization_rows(model, data: DataInfo, prompt: list[int], runs: int = 10) -> list[dict]:
@@ -331,7 +344,7 @@ def pruning_rows(model, data: DataInfo, prompt: list[int], out: str | Path, prof
             prune_heads(pruned, keep_heads=max(1, model.config.n_head // 2))
         else:
             prune_mlp(pruned, keep_fraction=0.5)
-        rows.append(measure(pruned, f"{name}, pruned", data, prompt, runs))
+        rows.append(measure(pruned, f"{name}, pruned", data, prompt, speed=False))  # the shapes of the next row
         records[name] = recover(pruned, data.train_path, out=out / name.replace(" ", "_").replace("%", ""),
                                 masks=masks, val_path=data.val_path, **tune)
         pruned.eval()
@@ -342,7 +355,10 @@ def pruning_rows(model, data: DataInfo, prompt: list[int], out: str | Path, prof
 def distillation(model, data: DataInfo, out: str | Path, profile: str | None = None,
                  steps: int | None = None) -> dict:
     """A student of half the parameters distilled from ``model``, and the same student (same initial weights,
-    batches and steps) from scratch. Returns both models and their records."""
+    batches and steps) from scratch. Returns both models and their records.
+
+    T = 1 and alpha = 0.9: with a small teacher trained briefly, softer targets (T = 2) or an even mix with the
+    data's labels lost to the student from scratch in our measurements; the teacher's own distribution won."""
     import copy
 
     from labs_lib.inference.distill import distill, half_size_config, train_from_scratch
@@ -354,7 +370,8 @@ def distillation(model, data: DataInfo, out: str | Path, profile: str | None = N
     torch.manual_seed(0)
     student = GPT(half_size_config(model.config))
     scratch = copy.deepcopy(student)
-    distilled = distill(model, student, data.train_path, out=out / "distilled", val_path=data.val_path, **tune)
+    distilled = distill(model, student, data.train_path, out=out / "distilled", val_path=data.val_path,
+                        temperature=1.0, alpha=0.9, **tune)
     baseline = train_from_scratch(scratch, data.train_path, out=out / "scratch", val_path=data.val_path, **tune)
     return {"student": student.eval(), "scratch": scratch.eval(), "records": {"distilled": distilled,
                                                                                "from scratch": baseline}}
