@@ -177,7 +177,7 @@ def generate_ids(model: GPT, prompts: list[list[int]], d: Decoding,
     d.check()
     if d.num_beams > 1:
         return [beam_search(model, p, d) for p in prompts]
-    device = model.lm_head.weight.device
+    device = model.ln_f.weight.device  # a float parameter every variant keeps (a quantized head dequantizes)
     ids, mask = _left_pad(prompts, device)
     _check_length(model, ids.size(1), d.max_new_tokens)
     generator = torch.Generator(device=device).manual_seed(d.seed)
@@ -214,7 +214,7 @@ def beam_search(model: GPT, prompt: list[int], d: Decoding) -> list[int]:
 
     As in transformers, the repetition penalty acts on the log-probabilities here."""
     d.check()
-    device = model.lm_head.weight.device
+    device = model.ln_f.weight.device  # a float parameter every variant keeps (a quantized head dequantizes)
     _check_length(model, len(prompt), d.max_new_tokens)
     beams, width = d.num_beams, 2 * d.num_beams  # candidates kept per step: enough to continue beams after EOS
     cache = KVCache(len(prompt) + d.max_new_tokens)

@@ -3,7 +3,7 @@
     run = train_base(out)                                   # the lab's GPT through the one launcher (Slurm when up)
     print_setup(lab_profile())                              # (labs.common) the profile with the lab's GPT
     model, tokenizer, meta = load_trained(run); data = run_data(run)
-    serving_table(profile)                                  # weights vs KV cache: our GPT and GPT-3 175B, tp 1 / 8
+    serving_table(profile), crossovers(profile)             # weights vs KV cache: our GPT and GPT-3 175B, tp 1 / 8
     check_cached_attention(fn); check_top_p(fn); check_quantize(fn)       # the three exercises
     per_token_times(model, contexts), flop_ratio(model)     # a step with and without the cache, by context length
     latency_s(model, prompt), tokens_per_s(model, prompt, batch)          # the course's measures
@@ -31,9 +31,9 @@ from labs_lib.inference.generate import Decoding, generate_ids, process_logits
 from labs_lib.labs.checks import check
 
 __all__ = ["MODEL", "STEPS", "NEW_TOKENS", "EVAL_SEQ", "lab_profile", "train_base", "run_data", "serving_table",
-           "check_cached_attention", "check_top_p", "check_quantize", "per_token_times", "flop_ratio", "latency_s",
-           "tokens_per_s", "cache_speedup", "hf_baseline", "measure", "quantization_rows", "pruning_rows",
-           "distillation"]
+           "crossovers", "check_cached_attention", "check_top_p", "check_quantize", "per_token_times", "flop_ratio",
+           "latency_s", "tokens_per_s", "cache_speedup", "hf_baseline", "measure", "quantization_rows",
+           "pruning_rows", "distillation"]
 
 # The lab's GPT per profile: a context long enough for the course's 128-token generations (and the benchmark's
 # 256), wide enough that a decoding step does real work (the ci profile's lab 01 GPT is all overhead).
@@ -83,6 +83,17 @@ def serving_table(profile: str | None = None, batches=(1, 8, 32, 128)) -> list[d
         rows += [dict(model="GPT-3 175B", **r) for r in serving_rows(gpt3.params(), gpt3.layers, gpt3.hidden,
                                                                      list(batches), gpt3.seq, tp=tp)]
     return rows
+
+
+def crossovers(profile: str | None = None) -> dict[str, float]:
+    """Tokens in flight at which the KV cache weighs as much as the weights: the lab's GPT and GPT-3 175B."""
+    from labs_lib.estimates.memory import param_count
+    from labs_lib.estimates.serving import kv_equals_weights_tokens
+    from labs_lib.planner.presets import model_preset
+
+    cfg, gpt3 = lab_profile(profile).model, model_preset("gpt3-175b")
+    return {"lab GPT": kv_equals_weights_tokens(param_count(cfg), cfg.n_layer, cfg.n_embd),
+            "GPT-3 175B": kv_equals_weights_tokens(gpt3.params(), gpt3.layers, gpt3.hidden)}
 
 
 # ------------------------------------------------------------------------------------------------ exercises
