@@ -306,7 +306,7 @@ EVAL_BATCHES = 8
 
 
 def measure(model, variant: str, data: DataInfo, prompt: list[int], runs: int = 10, batch: int = 8,
-            speed: bool = True) -> dict:
+            speed: bool = True, new_tokens: int = NEW_TOKENS) -> dict:
     """One row of the reduction table: bytes, the course's latency (128 tokens, median of ``runs``), generated
     tokens/s at batch 1 and ``batch``, validation perplexity. ``speed=False``: size and perplexity only."""
     from labs_lib.inference.distill import perplexity
@@ -315,9 +315,9 @@ def measure(model, variant: str, data: DataInfo, prompt: list[int], runs: int = 
     row = {"variant": variant, "MB": model_bytes(model) / 1e6, "latency ms": "", "tok/s b1": "",
            f"tok/s b{batch}": "", "perplexity": perplexity(model, data.val_path, EVAL_SEQ, EVAL_BATCHES)}
     if speed:
-        row.update({"latency ms": 1e3 * latency_s(model, prompt, runs=runs),
-                    "tok/s b1": tokens_per_s(model, prompt, 1, runs=1),
-                    f"tok/s b{batch}": tokens_per_s(model, prompt, batch, runs=1)})
+        row.update({"latency ms": 1e3 * latency_s(model, prompt, new_tokens, runs),
+                    "tok/s b1": tokens_per_s(model, prompt, 1, new_tokens, runs=1),
+                    f"tok/s b{batch}": tokens_per_s(model, prompt, batch, new_tokens, runs=1)})
     return row
 
 
