@@ -7,7 +7,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def pins(text: str) -> dict[str, str]:
-    return {m[1].lower(): m[2] for m in re.finditer(r"^[\s-]*([A-Za-z0-9_.\-]+)==([^\s#]+)", text, re.M)}
+    return {m[1].lower(): m[2] for m in re.finditer(r"^[\s-]*([A-Za-z0-9_.\-]+)(?:\[[\w,]+\])?==([^\s#]+)", text, re.M)}
 
 
 def test_environment_yml_matches_constraints():
@@ -16,4 +16,4 @@ def test_environment_yml_matches_constraints():
     assert conda, "environment.yml pins nothing"
     assert {name: version for name, version in conda.items() if locked.get(name) != version} == {}
     for requirement in (ROOT / "requirements.txt").read_text().split():
-        assert requirement.split("==")[0].lower() in conda, f"{requirement} missing from environment.yml"
+        assert re.split(r"[\[=]", requirement)[0].lower() in conda, f"{requirement} missing from environment.yml"
