@@ -15,9 +15,11 @@ Layers, lowest first; each imports only from its own layer and the ones below (t
     jobs        child processes, Slurm, and the one launcher every lab's job goes through
     labs        per notebook: what it runs and reads back (lab00 ... lab07), exercise checks, plots
     planner     lab 07: memory / time / fit of any GPT on any cluster, this machine calibrated, auto-tuning
+    deploy      lab 10: a run served by a real Triton server (find / start / stop it, the TensorRT-LLM-style model
+                repository rendered from a checkpoint, the gpt model's engine, clients)
 
 Entry points beside the layers: ``python -m labs_lib.generate`` and ``python -m labs_lib.export`` (the inference
-layer's command lines), ``python -m labs_lib.train``.
+layer's command lines), ``python -m labs_lib.train``, ``python -m labs_lib.deploy serve --checkpoint RUN``.
 
 Where a lab's experiment lives: labs_lib/labs/labNN.py (its docstring names the engine code it runs).
 """

@@ -1,0 +1,13 @@
+"""deploy: a trained run served by a real Triton Inference Server (lab 10).
+
+server.py       find tritonserver (PATH, $TRITONSERVER, or the nvidia-pytriton wheel laid out once), start it on
+                127.0.0.1 (free or given ports, explicit model control, log to a file), wait until ready, stop it;
+                load / unload / the READY table from the repository index; tritonclient's perf_analyzer
+repository.py   render triton_models/ (TensorRT-LLM's inflight_batcher_llm layout: preprocessing, gpt,
+                postprocessing, ensemble) from a run's checkpoint
+engine.py       the gpt model's engine: TensorRT-LLM's tensors to KV-cached generation, batching, streaming
+words.py        the tokenizer side without torch (preprocessing / postprocessing), TensorRT-LLM's word lists
+client.py       the generate / generate_stream endpoints, tritonclient HTTP and gRPC (streaming too)
+
+The command line: ``python -m labs_lib.deploy serve --checkpoint RUN`` (see __main__.py).
+"""
