@@ -1,0 +1,198 @@
+"""The ``gpt`` model's engine: requests in TensorRT-LLM's tensor names to KV-cached generation and back.
+
+The Triton model (triton_models/gpt/1/model.py) is a thin shell over :class:`GptEngine`, so everything here runs
+and is tested without a server. Inputs are TensorRT-LLM's ``tensorrt_llm`` model's: ``input_ids``,
+``input_lengths``, ``request_output_len``, ``end_id``, ``pad_id``, ``stop_words_list``, ``bad_words_list``,
+``beam_width``, ``temperature``, ``runtime_top_k``, ``runtime_top_p``, ``len_penalty``, ``repetition_penalty``,
+``seed``, ``exclude_input_in_output``, ``streaming``; outputs ``output_ids`` [beam, tokens] and ``sequence_length``.
+
+Sampling rules, as TensorRT-LLM's: top_k 0 and top_p 0 mean "off"; with no temperature given the request is greedy
+unless top_k / top_p ask for sampling; temperature 0 is greedy (top_k / top_p then change nothing and are dropped).
+Generation is :func:`labs_lib.inference.generate.generate_ids` itself, so greedy output is local generation's,
+token for token. Greedy requests with the same settings run as one left-padded batch (rows are independent);
+a sampled request runs alone, so its seed gives what local generation of that prompt alone gives. A streamed
+request sends its tokens as they come, grouped only where one token would split a UTF-8 character.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import astuple, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from labs_lib.data.text import EOT, decode
+from labs_lib.deploy.words import from_word_list
+from labs_lib.inference.generate import Decoding, _check_length, generate_ids, load_trained
+
+__all__ = ["GPT_INPUTS", "GenerationRequest", "GptEngine", "Emit"]
+
+GPT_INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
+              "bad_words_list", "beam_width", "temperature", "runtime_top_k", "runtime_top_p", "len_penalty",
+              "repetition_penalty", "seed", "exclude_input_in_output", "streaming")
+
+# emit(request index, new token ids or the error for that request, final): one call per response to send.
+Emit = Callable[[int, "list[int] | Exception", bool], None]
+
+
+@dataclass
+class GenerationRequest:
+    prompt: list[int]
+    decoding: Decoding
+    stop: tuple[tuple[int, ...], ...] = ()
+    stream: bool = False
+    exclude_input: bool = True
+    batch_key: tuple = field(default=(), repr=False)
+
+    def output(self, new: list[int]) -> list[int]:
+        """What the response carries: the new tokens without the end id (TensorRT-LLM's), prompt first if asked."""
+        new = [t for t in new if t != self.decoding.eos_token_id]
+        return new if self.exclude_input else self.prompt + new
+
+
+def _scalar(inputs: dict, name: str, kind=float):
+    """One value per request (shape [1] or [1, 1]), or None when the input was not sent."""
+    value = inputs.get(name)
+    if value is None:
+        return None
+    value = np.asarray(value)
+    if value.size != 1:
+        raise ValueError(f"{name} takes one value per request, got shape {list(value.shape)}: send one prompt per "
+                         "request")
+    return kind(value.reshape(-1)[0].item())
+
+
+def _finite(name: str, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{name}={value}: send a finite number")
+    return value
+
+
+def _ends_with_any(tokens: list[int], sequences) -> bool:
+    return any(len(tokens) >= len(s) and tuple(tokens[-len(s):]) == s for s in sequences)
+
+
+class GptEngine:
+    """A trained run's GPT (or one of its step folders) serving requests; ``decoupled``: it may stream."""
+
+    def __init__(self, checkpoint: str | Path, decoupled: bool = False, threads: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.model, self.tokenizer, self.meta = load_trained(checkpoint)
+        self.eos = self.tokenizer.token_to_id(EOT)
+        self.vocab_size = self.model.config.vocab_size
+        self.decoupled = decoupled
+        self._sampled = 0  # a counter that keeps every sampled request in a batch of its own
+
+    # ------------------------------------------------------------------------------------------------ parsing
+    def parse(self, inputs: dict[str, np.ndarray | None]) -> GenerationRequest:
+        """A request's tensors (absent ones None) as a GenerationRequest; ValueError naming the fix if bad."""
+        prompt = self._prompt(inputs)
+        max_new = _scalar(inputs, "request_output_len", int)
+        if max_new is None:
+            raise ValueError("request_output_len (the ensemble's max_tokens) is missing: say how many tokens to "
+                             "generate")
+        if max_new < 1:
+            raise ValueError(f"max_tokens={max_new}: ask for at least 1 new token")
+        temperature = _finite("temperature", _scalar(inputs, "temperature"))
+        top_k = _scalar(inputs, "runtime_top_k", int) or None  # 0: off
+        top_p = _finite("top_p", _scalar(inputs, "runtime_top_p")) or None  # 0: off
+        if temperature is None:
+            temperature = 1.0 if (top_k is not None or top_p is not None) else 0.0
+        if temperature == 0:
+            top_k = top_p = None  # greedy: the best token whatever the filters keep
+        end_id = _scalar(inputs, "end_id", int)
+        beams = _scalar(inputs, "beam_width", int) or 1
+        d = Decoding(max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                     repetition_penalty=_finite("repetition_penalty", _scalar(inputs, "repetition_penalty")) or 1.0,
+                     num_beams=beams, length_penalty=_finite("length_penalty", _scalar(inputs, "len_penalty")) or 1.0,
+                     eos_token_id=self.eos if end_id is None else end_id, seed=_scalar(inputs, "seed", int) or 0)
+        d.check()
+        _check_length(self.model, len(prompt), max_new)
+        stop = tuple(from_word_list(inputs.get("stop_words_list")))
+        if from_word_list(inputs.get("bad_words_list")):
+            raise ValueError("bad_words are not supported by this engine yet: leave bad_words empty")
+        stream = bool(_scalar(inputs, "streaming", bool))
+        if stream and not self.decoupled:
+            raise ValueError("streaming needs the decoupled gpt model: render the repository with decoupled=True "
+                             "(the default), or send stream=false")
+        if beams > 1 and (stream or stop):
+            raise ValueError("beam search (beam_width > 1) neither streams nor stops at stop words here: send "
+                             "beam_width 1, or no stream / stop_words")
+        exclude = _scalar(inputs, "exclude_input_in_output", bool)
+        key = (astuple(d), stop) if temperature == 0 else ("sampled", self._next_sampled())
+        return GenerationRequest(prompt, d, stop, stream, True if exclude is None else exclude, key)
+
+    def _next_sampled(self) -> int:
+        self._sampled += 1
+        return self._sampled
+
+    def _prompt(self, inputs: dict) -> list[int]:
+        ids = inputs.get("input_ids")
+        if ids is None:
+            raise ValueError("input_ids is missing: send the prompt's token ids (the ensemble sends text_input)")
+        ids = np.asarray(ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise ValueError(f"one prompt per request: input_ids has shape {list(ids.shape)}, not [1, tokens]")
+        length = _scalar(inputs, "input_lengths", int)
+        length = ids.shape[1] if length is None else length
+        if not 0 <= length <= ids.shape[1]:
+            raise ValueError(f"input_lengths={length} but input_ids holds {ids.shape[1]} tokens")
+        prompt = [int(t) for t in ids[0, :length]]
+        if not prompt:
+            raise ValueError("the prompt is empty (0 tokens): send a non-empty text_input")
+        outside = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if outside:
+            raise ValueError(f"token ids {outside[:5]} are outside the vocabulary 0..{self.vocab_size - 1}")
+        return prompt
+
+    # ------------------------------------------------------------------------------------------------ generation
+    def run(self, requests: list[GenerationRequest | Exception], emit: Emit) -> None:
+        """Answer every request through ``emit``: parse errors at once, then one generation per batch of equal
+        settings, then the streamed requests one by one. A failing batch fails its own requests only."""
+        groups: dict[tuple, list[int]] = {}
+        streamed = []
+        for i, request in enumerate(requests):
+            if isinstance(request, Exception):
+                emit(i, request, True)
+            elif request.stream:
+                streamed.append(i)
+            else:
+                groups.setdefault(request.batch_key, []).append(i)
+        for members in groups.values():
+            first = requests[members[0]]
+            stopped = partial(_ends_with_any, sequences=first.stop) if first.stop else None
+            try:
+                rows = generate_ids(self.model, [requests[i].prompt for i in members], first.decoding, stopped)
+            except Exception as e:  # a bad batch answers with its error; the server stays up
+                for i in members:
+                    emit(i, ValueError(f"generation failed: {type(e).__name__}: {e}"), True)
+                continue
+            for i, row in zip(members, rows):
+                emit(i, requests[i].output(row), True)
+        for i in streamed:
+            self._stream(i, requests[i], emit)
+
+    def _stream(self, index: int, request: GenerationRequest, emit: Emit) -> None:
+        sent = 0
+
+        def on_token(new: list[int]) -> bool:  # called after each token that is not the end id
+            nonlocal sent
+            pending = new[sent:]
+            if not decode(self.tokenizer, pending).endswith("\ufffd"):  # a whole character (or more)
+                emit(index, pending, False)
+                sent = len(new)
+            return _ends_with_any(new, request.stop)
+
+        try:
+            row = generate_ids(self.model, [request.prompt], request.decoding, on_token)[0]
+        except Exception as e:  # as above: the error is this request's answer
+            emit(index, ValueError(f"generation failed: {type(e).__name__}: {e}"), True)
+            return
+        emit(index, [t for t in row[sent:] if t != request.decoding.eos_token_id], True)  # the prompt never streams

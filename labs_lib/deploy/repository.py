@@ -1,0 +1,73 @@
+"""A Triton model repository rendered from a trained run, out of the templates in triton_models/.
+
+    repo = render_repository("build/runs/demo")                  # build/deploy/demo/repository
+    repo = render_repository(run, out, max_batch_size=16, decoupled=False)
+
+The layout and names are TensorRT-LLM's inflight_batcher_llm: ``preprocessing`` (text → ids), ``gpt`` (the
+engine), ``postprocessing`` (ids → text) and ``ensemble`` joining them. The templates' ``${name}`` fields are
+filled as TensorRT-LLM's fill_template does: batch size and queue delay of dynamic batching, the tokenizer
+folder, the checkpoint (the run's newest step at rendering time, so later training does not change what is
+served), whether ``gpt`` is decoupled (it can stream), tp.
+"""
+
+from __future__ import annotations
+
+import shutil
+import string
+from pathlib import Path
+
+from labs_lib.core import paths
+from labs_lib.deploy.words import TOKENIZER_FILE
+from labs_lib.inference.generate import resolve
+
+__all__ = ["TEMPLATES", "MODELS", "render_repository", "default_repository"]
+
+TEMPLATES = paths.PROJECT_ROOT / "triton_models"
+MODELS = ("preprocessing", "gpt", "postprocessing", "ensemble")
+
+
+def default_repository(run: str | Path) -> Path:
+    """build/deploy/<run name>/repository."""
+    _, run_dir = resolve(run)
+    return paths.build_dir() / "deploy" / run_dir.name / "repository"
+
+
+def _fill(template: Path, values: dict[str, str]) -> str:
+    try:
+        return string.Template(template.read_text()).substitute(values)
+    except KeyError as e:
+        raise ValueError(f"{template} asks for ${{{e.args[0]}}}, which render_repository does not fill: add it "
+                         "there or remove it from the template") from None
+
+
+def render_repository(run: str | Path, out: str | Path | None = None, max_batch_size: int = 8,
+                      max_queue_delay_microseconds: int = 1000, decoupled: bool = True, tp: int = 1,
+                      torch_threads: int = 0, instance_count: int = 1) -> Path:
+    """Write the four models for ``run`` (a run folder or one checkpoints/step_N folder) into ``out``; returns it.
+
+    Only the four model folders of ``out`` are replaced; anything else there stays."""
+    if tp != 1:
+        raise ValueError(f"tp={tp}: tensor-parallel serving is not yet supported; render with tp=1")
+    if max_batch_size < 1 or max_queue_delay_microseconds < 0 or instance_count < 1:
+        raise ValueError("max_batch_size and instance_count must be >= 1 and the queue delay >= 0")
+    checkpoint, run_dir = resolve(run)
+    if not (run_dir / TOKENIZER_FILE).exists():
+        raise FileNotFoundError(f"{run_dir / TOKENIZER_FILE} is missing: the run folder must hold the tokenizer it "
+                                "trained with")
+    if not TEMPLATES.is_dir():
+        raise FileNotFoundError(f"the templates {TEMPLATES} are missing: render from the project's checkout")
+    values = {"triton_max_batch_size": str(max_batch_size),
+              "max_queue_delay_microseconds": str(max_queue_delay_microseconds),
+              "tokenizer_dir": str(run_dir.resolve()), "checkpoint_dir": str(checkpoint.resolve()),
+              "decoupled_mode": "true" if decoupled else "false", "tp": str(tp), "torch_threads": str(torch_threads),
+              "preprocessing_instance_count": str(instance_count), "postprocessing_instance_count": str(instance_count),
+              "skip_special_tokens": "false"}
+    out = Path(out) if out is not None else default_repository(run)
+    out.mkdir(parents=True, exist_ok=True)
+    for model in MODELS:
+        target = out / model
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(TEMPLATES / model, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        (target / "config.pbtxt").write_text(_fill(TEMPLATES / model / "config.pbtxt", values))
+        (target / "1").mkdir(exist_ok=True)  # Triton needs a version folder, the ensemble's stays empty
+    return out
