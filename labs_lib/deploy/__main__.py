@@ -1,0 +1,72 @@
+"""Serve a trained run with Triton until interrupted.
+
+    python -m labs_lib.deploy serve --checkpoint RUN [--repository OUT] [--http-port P] [--grpc-port Q]
+                                    [--metrics-port M] [--tp T]
+
+Renders the model repository (default build/deploy/<run>/repository), starts tritonserver on 127.0.0.1 with the
+four models loaded, prints its addresses and the READY table, and serves until Ctrl-C (or SIGTERM), which stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+from labs_lib.deploy.repository import MODELS, render_repository
+from labs_lib.deploy.server import ServerError, TritonServer, format_ready_table
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m labs_lib.deploy", description="Serve a trained run with Triton.")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="render the repository, start tritonserver, serve until Ctrl-C")
+    serve.add_argument("--checkpoint", required=True, help="run folder or checkpoints/step_N folder")
+    serve.add_argument("--repository", default=None, help="where to render the model repository "
+                                                          "(default build/deploy/<run>/repository)")
+    serve.add_argument("--http-port", type=int, default=None, help="default: a free port")
+    serve.add_argument("--grpc-port", type=int, default=None, help="default: a free port")
+    serve.add_argument("--metrics-port", type=int, default=None, help="default: a free port")
+    serve.add_argument("--tp", type=int, default=1, help="tensor-parallel size (only 1 for now)")
+    return p
+
+
+def _stop(signum, frame):
+    raise KeyboardInterrupt  # leave through the with block: the server is stopped on the way out
+
+
+def serve(args) -> None:
+    if args.tp != 1:
+        raise SystemExit(f"error: --tp {args.tp}: tensor-parallel serving is not yet supported; use --tp 1")
+    try:
+        repository = render_repository(args.checkpoint, args.repository, tp=args.tp)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"repository {repository}", flush=True)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGINT too: a shell starts background jobs with it ignored
+        signal.signal(signum, _stop)
+    server = TritonServer(repository, list(MODELS), args.http_port, args.grpc_port, args.metrics_port)
+    try:
+        with server:
+            print(f"HTTP     {server.http_url}\ngRPC     {server.grpc_url}\nmetrics  {server.metrics_url}\n"
+                  f"log      {server.log_path}\n\n{format_ready_table(server.ready_table())}\n\n"
+                  "serving; Ctrl-C stops the server", flush=True)
+            while server.running:
+                time.sleep(0.5)
+            raise SystemExit(f"error: tritonserver exited on its own (code {server.process.returncode}); "
+                             f"see {server.log_path}")
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    except (ServerError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        serve(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
