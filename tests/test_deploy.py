@@ -3,8 +3,8 @@
 Greedy text from the server, over the generate endpoint, tritonclient HTTP and gRPC, equals local generation of
 the same run with the same settings; streaming yields that text token by token; bad requests get an error
 response and the server answers the next one; ports are bound to 127.0.0.1 only; unload / load; the CLI.
-Two servers per module: the default (decoupled: it streams) and one rendered with decoupled=False (the plain infer
-APIs, which Triton refuses for decoupled models).
+Three servers per module: the default (decoupled: it streams), one rendered with decoupled=False (the plain infer
+APIs, which Triton refuses for decoupled models), and the ONNX Runtime engine.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from labs_lib.deploy.server import (
     format_ready_table,
 )
 from labs_lib.deploy.words import from_word_list, load_run_tokenizer, to_word_list
+from labs_lib.inference.export import OnnxGenerator
 from labs_lib.inference.generate import Decoding, generate_ids, generate_text, load_trained
 
 pytestmark = pytest.mark.slow
@@ -248,6 +249,29 @@ def test_concurrent_requests_batch_and_stay_exact(plain_server, local):
     with urllib.request.urlopen(f"http://{plain_server.http_url}/v2/models/gpt/stats", timeout=10) as response:
         stats = json.loads(response.read())["model_stats"][0]
     assert stats["inference_count"] >= len(jobs) and stats["execution_count"] <= stats["inference_count"]
+
+
+@pytest.fixture(scope="module")
+def onnx_server(trained_run, tmp_path_factory):
+    repository = render_repository(trained_run, tmp_path_factory.mktemp("deploy_onnx") / "repository",
+                                   decoupled=False, engine="onnx")
+    with TritonServer(repository, list(MODELS)) as s:
+        yield s
+
+
+def test_the_onnx_engine_serves_the_export(onnx_server, local):
+    texts, _ = local
+    generator = OnnxGenerator(onnx_server.repository / "gpt" / "1" / "onnx")
+    tokenizer = load_run_tokenizer(onnx_server.repository / "gpt" / "1" / "onnx")
+    for prompt in PROMPTS:
+        new = [t for t in generator.generate_ids([tokenizer.encode(prompt).ids], MAX_TOKENS)[0]
+               if t != generator.eos_token_id]
+        served = client.generate(onnx_server.http_url, prompt, MAX_TOKENS)
+        assert served == tokenizer.decode(new) == texts[prompt]  # ONNX Runtime's greedy text is torch's
+        assert client.http_infer(onnx_server.http_url, prompt, MAX_TOKENS) == served
+    with pytest.raises(client.InferenceError, match="ONNX engine generates greedily"):
+        client.generate(onnx_server.http_url, PROMPTS[0], MAX_TOKENS, temperature=0.5)
+    assert client.generate(onnx_server.http_url, PROMPTS[0], MAX_TOKENS) == texts[PROMPTS[0]]
 
 
 def _post_generate(url: str, body: bytes) -> tuple[int, str]:

@@ -4,8 +4,9 @@ server.py       find tritonserver (PATH, $TRITONSERVER, or the nvidia-pytriton w
                 127.0.0.1 (free or given ports, explicit model control, log to a file), wait until ready, stop it;
                 load / unload / the READY table from the repository index; tritonclient's perf_analyzer
 repository.py   render triton_models/ (TensorRT-LLM's inflight_batcher_llm layout: preprocessing, gpt,
-                postprocessing, ensemble) from a run's checkpoint
-engine.py       the gpt model's engine: TensorRT-LLM's tensors to KV-cached generation, batching, streaming
+                postprocessing, ensemble) from a run's checkpoint (torch or ONNX engine)
+engine.py       the gpt model's engine: TensorRT-LLM's tensors to KV-cached generation, batching, streaming; or the
+                ONNX export run by ONNX Runtime
 words.py        the tokenizer side without torch (preprocessing / postprocessing), TensorRT-LLM's word lists
 client.py       the generate / generate_stream endpoints, tritonclient HTTP and gRPC (streaming too)
 

@@ -12,20 +12,25 @@ Generation is :func:`labs_lib.inference.generate.generate_ids` itself, so greedy
 token for token. Greedy requests with the same settings run as one left-padded batch (rows are independent);
 a sampled request runs alone, so its seed gives what local generation of that prompt alone gives. A streamed
 request sends its tokens as they come, grouped only where one token would split a UTF-8 character.
+
+With ``onnx_dir`` the engine is the ONNX export run by ONNX Runtime (``labs_lib.inference.export.OnnxGenerator``,
+greedy and KV-cached); requests it cannot serve (sampling, penalties, beams, stop words, streaming) are refused.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, field
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from labs_lib.data.text import EOT, decode
+from labs_lib.data.text import EOT, decode, load_tokenizer
 from labs_lib.deploy.words import from_word_list
 from labs_lib.inference.generate import Decoding, _check_length, generate_ids, load_trained
 
@@ -79,14 +84,29 @@ def _ends_with_any(tokens: list[int], sequences) -> bool:
 class GptEngine:
     """A trained run's GPT (or one of its step folders) serving requests; ``decoupled``: it may stream."""
 
-    def __init__(self, checkpoint: str | Path, decoupled: bool = False, threads: int = 0):
+    def __init__(self, checkpoint: str | Path | None = None, decoupled: bool = False, threads: int = 0,
+                 onnx_dir: str | Path | None = None):
         if threads:
             torch.set_num_threads(threads)
-        self.model, self.tokenizer, self.meta = load_trained(checkpoint)
-        self.eos = self.tokenizer.token_to_id(EOT)
-        self.vocab_size = self.model.config.vocab_size
         self.decoupled = decoupled
+        self.onnx = None
+        if onnx_dir:  # the ONNX export run by ONNX Runtime: its folder has the graph, tokenizer and shapes
+            from labs_lib.inference.export import OnnxGenerator
+
+            self.onnx = OnnxGenerator(Path(onnx_dir), threads or None)
+            self.tokenizer = load_tokenizer(Path(onnx_dir) / "tokenizer.json")
+            self.vocab_size = json.loads((Path(onnx_dir) / "config.json").read_text())["vocab_size"]
+            self.model = SimpleNamespace(config=SimpleNamespace(block_size=self.onnx.block_size))  # the length check
+        else:
+            self.model, self.tokenizer, _ = load_trained(checkpoint)
+            self.vocab_size = self.model.config.vocab_size
+        self.eos = self.tokenizer.token_to_id(EOT)
         self._sampled = 0  # a counter that keeps every sampled request in a batch of its own
+
+    def _generate(self, prompts: list[list[int]], d: Decoding, finished_when=None) -> list[list[int]]:
+        if self.onnx is not None:
+            return self.onnx.generate_ids(prompts, d.max_new_tokens, d.eos_token_id)
+        return generate_ids(self.model, prompts, d, finished_when)
 
     # ------------------------------------------------------------------------------------------------ parsing
     def parse(self, inputs: dict[str, np.ndarray | None]) -> GenerationRequest:
@@ -123,6 +143,9 @@ class GptEngine:
         if beams > 1 and (stream or stop):
             raise ValueError("beam search (beam_width > 1) neither streams nor stops at stop words here: send "
                              "beam_width 1, or no stream / stop_words")
+        if self.onnx is not None and (temperature != 0 or d.repetition_penalty != 1 or beams > 1 or stop or stream):
+            raise ValueError("the ONNX engine generates greedily, without repetition penalty, beams, stop words or "
+                             "streaming: send temperature 0 (or none) and none of those, or serve the torch engine")
         exclude = _scalar(inputs, "exclude_input_in_output", bool)
         key = (astuple(d), stop) if temperature == 0 else ("sampled", self._next_sampled())
         return GenerationRequest(prompt, d, stop, stream, True if exclude is None else exclude, key)
@@ -169,7 +192,7 @@ class GptEngine:
             first = requests[members[0]]
             stopped = partial(_ends_with_any, sequences=first.stop) if first.stop else None
             try:
-                rows = generate_ids(self.model, [requests[i].prompt for i in members], first.decoding, stopped)
+                rows = self._generate([requests[i].prompt for i in members], first.decoding, stopped)
             except Exception as e:  # a bad batch answers with its error; the server stays up
                 for i in members:
                     emit(i, ValueError(f"generation failed: {type(e).__name__}: {e}"), True)
@@ -191,7 +214,7 @@ class GptEngine:
             return _ends_with_any(new, request.stop)
 
         try:
-            row = generate_ids(self.model, [request.prompt], request.decoding, on_token)[0]
+            row = self._generate([request.prompt], request.decoding, on_token)[0]
         except Exception as e:  # as above: the error is this request's answer
             emit(index, ValueError(f"generation failed: {type(e).__name__}: {e}"), True)
             return

@@ -7,7 +7,8 @@ The layout and names are TensorRT-LLM's inflight_batcher_llm: ``preprocessing`` 
 engine), ``postprocessing`` (ids → text) and ``ensemble`` joining them. The templates' ``${name}`` fields are
 filled as TensorRT-LLM's fill_template does: batch size and queue delay of dynamic batching, the tokenizer
 folder, the checkpoint (the run's newest step at rendering time, so later training does not change what is
-served), whether ``gpt`` is decoupled (it can stream), tp.
+served), whether ``gpt`` is decoupled (it can stream), tp, and the engine: torch, or the run's ONNX export run
+by ONNX Runtime inside the python backend.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from labs_lib.core import paths
 from labs_lib.deploy.words import TOKENIZER_FILE
 from labs_lib.inference.generate import resolve
 
-__all__ = ["TEMPLATES", "MODELS", "render_repository", "default_repository"]
+__all__ = ["TEMPLATES", "MODELS", "ENGINES", "render_repository", "default_repository"]
 
 TEMPLATES = paths.PROJECT_ROOT / "triton_models"
 MODELS = ("preprocessing", "gpt", "postprocessing", "ensemble")
+ENGINES = ("torch", "onnx")
 
 
 def default_repository(run: str | Path) -> Path:
@@ -42,10 +44,13 @@ def _fill(template: Path, values: dict[str, str]) -> str:
 
 def render_repository(run: str | Path, out: str | Path | None = None, max_batch_size: int = 8,
                       max_queue_delay_microseconds: int = 1000, decoupled: bool = True, tp: int = 1,
-                      torch_threads: int = 0, instance_count: int = 1) -> Path:
+                      torch_threads: int = 0, instance_count: int = 1, engine: str = "torch") -> Path:
     """Write the four models for ``run`` (a run folder or one checkpoints/step_N folder) into ``out``; returns it.
 
+    ``engine`` "onnx": the run is exported to ONNX into gpt/1/onnx and ONNX Runtime serves it (greedy only).
     Only the four model folders of ``out`` are replaced; anything else there stays."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: use one of {ENGINES}")
     if tp != 1:
         raise ValueError(f"tp={tp}: tensor-parallel serving is not yet supported; render with tp=1")
     if max_batch_size < 1 or max_queue_delay_microseconds < 0 or instance_count < 1:
@@ -64,10 +69,16 @@ def render_repository(run: str | Path, out: str | Path | None = None, max_batch_
               "skip_special_tokens": "false"}
     out = Path(out) if out is not None else default_repository(run)
     out.mkdir(parents=True, exist_ok=True)
+    onnx_dir = (out / "gpt" / "1" / "onnx").resolve()
+    values["onnx_dir"] = str(onnx_dir) if engine == "onnx" else ""
     for model in MODELS:
         target = out / model
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(TEMPLATES / model, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (target / "config.pbtxt").write_text(_fill(TEMPLATES / model / "config.pbtxt", values))
         (target / "1").mkdir(exist_ok=True)  # Triton needs a version folder, the ensemble's stays empty
+    if engine == "onnx":
+        from labs_lib.inference.export import export_onnx_run
+
+        export_onnx_run(checkpoint, onnx_dir)
     return out

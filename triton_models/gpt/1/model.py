@@ -38,7 +38,8 @@ class TritonPythonModel:
             raise ValueError("tensor_parallel_size > 1 is not served yet: render the repository with tp=1")
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.engine = GptEngine(parameters["checkpoint_dir"], decoupled=self.decoupled,
-                                threads=int(parameters.get("torch_threads") or 0))
+                                threads=int(parameters.get("torch_threads") or 0),
+                                onnx_dir=parameters.get("onnx_dir") or None)
 
     def execute(self, requests):
         parsed = []
