@@ -92,15 +92,13 @@ def dequantize_groupwise(packed: torch.Tensor, scale: torch.Tensor, dtype: torch
 
 
 class _WeightOnlyLinear(nn.Module):
-    """A Linear whose weight is kept quantized (subclasses say how); the bias stays a float parameter."""
+    """A Linear whose weight is kept quantized; subclasses store it and give it back with ``dequantized(dtype)``.
+    The bias stays a float parameter."""
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
-
-    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        raise NotImplementedError
 
     @property
     def weight(self) -> torch.Tensor:
