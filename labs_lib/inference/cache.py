@@ -106,8 +106,7 @@ def attention_mask(key_mask: torch.Tensor | None, past: int, new: int) -> torch.
 def _attend(attn: CausalSelfAttention, x: torch.Tensor, cache, layer: int, mask: torch.Tensor | None) -> torch.Tensor:
     """The model's attention, with this step's keys and values appended to the cache and attended over."""
     B, T, _ = x.shape
-    q, k, v = attn.qkv(x).chunk(3, dim=-1)
-    q, k, v = (t.view(B, T, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+    q, k, v = attn.split_heads(x)
     k, v = cache.update(layer, k, v)
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return attn.proj(y.transpose(1, 2).reshape(B, T, -1))

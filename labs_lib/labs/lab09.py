@@ -116,9 +116,8 @@ def check_cached_attention(fn) -> bool:
     attn, x = _exercise_attention()
     with torch.no_grad():
         full = attn(x)[:, -1:]
-        cache = KVCache(x.size(1))
-        forward_attention = _cache_of(attn, x[:, :-1], cache)
-        result = fn(attn, x[:, -1:], *forward_attention)
+        _, past_k, past_v = attn.split_heads(x[:, :-1])  # what a cache holds after the prompt
+        result = fn(attn, x[:, -1:], past_k, past_v)
     if result in (None, Ellipsis):
         return check("cached attention", None, None, hint="cached_attention still returns ...: write its body.")
     y, k, v = result
@@ -131,14 +130,6 @@ def check_cached_attention(fn) -> bool:
                              "query), then apply attn.proj")
     print("✅ cached attention: one step with the cache gives the full attention's output")
     return True
-
-
-def _cache_of(attn, x, cache) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys and values the attention computes for ``x`` (B, T, C): what a cache holds after the prompt."""
-    B, T, _ = x.shape
-    _, k, v = attn.qkv(x).chunk(3, dim=-1)
-    k, v = (t.view(B, T, -1, attn.head_dim).transpose(1, 2) for t in (k, v))
-    return cache.update(0, k, v)
 
 
 def check_top_p(fn) -> bool:

@@ -36,11 +36,15 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_drop = nn.Dropout(config.dropout)
 
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of ``x`` (B, T, C), each (B, heads, T, head_dim). The number of heads comes from the tensor, not
+        the config: a tensor-parallel or head-pruned qkv holds only its heads."""
+        B, T, _ = x.shape
+        return tuple(t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        # The number of heads comes from the tensor, not the config: a tensor-parallel qkv holds only its heads.
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
+        q, k, v = self.split_heads(x)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, -1)  # heads side by side again
         return self.resid_drop(self.proj(y))
