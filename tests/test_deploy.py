@@ -365,10 +365,3 @@ def test_cli_serves_until_interrupted(trained_run, tmp_path, local):
         proc.wait(timeout=60)
     assert proc.returncode == 0
     assert not listening(int(ports["HTTP"].rsplit(":", 1)[1])), "the server outlived the CLI"
-
-
-def test_cli_refuses_tp_for_now(trained_run):
-    from labs_lib.deploy.__main__ import main
-
-    with pytest.raises(SystemExit, match="--tp 2: tensor-parallel serving is not yet supported"):
-        main(["serve", "--checkpoint", str(trained_run), "--tp", "2"])

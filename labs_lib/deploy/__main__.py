@@ -28,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, default=None, help="default: a free port")
     serve.add_argument("--grpc-port", type=int, default=None, help="default: a free port")
     serve.add_argument("--metrics-port", type=int, default=None, help="default: a free port")
-    serve.add_argument("--tp", type=int, default=1, help="tensor-parallel size (only 1 for now)")
+    serve.add_argument("--tp", type=int, default=1, help="tensor-parallel size: the gpt model runs in this many "
+                                                         "worker processes, each holding 1/T of the weights")
     return p
 
 
@@ -37,8 +38,6 @@ def _stop(signum, frame):
 
 
 def serve(args) -> None:
-    if args.tp != 1:
-        raise SystemExit(f"error: --tp {args.tp}: tensor-parallel serving is not yet supported; use --tp 1")
     try:
         repository = render_repository(args.checkpoint, args.repository, tp=args.tp)
     except (FileNotFoundError, ValueError) as e:

@@ -13,6 +13,8 @@ token for token. Greedy requests with the same settings run as one left-padded b
 a sampled request runs alone, so its seed gives what local generation of that prompt alone gives. A streamed
 request sends its tokens as they come, grouped only where one token would split a UTF-8 character.
 
+With ``tp`` > 1 the weights live in that many worker processes, each holding one tensor-parallel shard
+(:mod:`labs_lib.deploy.tensor_parallel`); this process keeps the config and tokenizer and drives them.
 With ``onnx_dir`` the engine is the ONNX export run by ONNX Runtime (``labs_lib.inference.export.OnnxGenerator``,
 greedy and KV-cached); requests it cannot serve (sampling, penalties, beams, stop words, streaming) are refused.
 """
@@ -23,7 +25,6 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import astuple, dataclass, field
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,8 +32,10 @@ import numpy as np
 import torch
 
 from labs_lib.data.text import EOT, decode, load_tokenizer
+from labs_lib.deploy.tensor_parallel import finished_rule
 from labs_lib.deploy.words import from_word_list
-from labs_lib.inference.generate import Decoding, _check_length, generate_ids, load_trained
+from labs_lib.inference.generate import Decoding, _check_length, generate_ids, load_trained, resolve
+from labs_lib.measure.memory import storage_bytes
 
 __all__ = ["GPT_INPUTS", "GenerationRequest", "GptEngine", "Emit"]
 
@@ -77,36 +80,58 @@ def _finite(name: str, value: float | None) -> float | None:
     return value
 
 
-def _ends_with_any(tokens: list[int], sequences) -> bool:
-    return any(len(tokens) >= len(s) and tuple(tokens[-len(s):]) == s for s in sequences)
-
-
 class GptEngine:
     """A trained run's GPT (or one of its step folders) serving requests; ``decoupled``: it may stream."""
 
     def __init__(self, checkpoint: str | Path | None = None, decoupled: bool = False, threads: int = 0,
-                 onnx_dir: str | Path | None = None):
+                 onnx_dir: str | Path | None = None, tp: int = 1):
         if threads:
             torch.set_num_threads(threads)
         self.decoupled = decoupled
-        self.onnx = None
+        self.onnx = self.workers = None
         if onnx_dir:  # the ONNX export run by ONNX Runtime: its folder has the graph, tokenizer and shapes
             from labs_lib.inference.export import OnnxGenerator
 
-            self.onnx = OnnxGenerator(Path(onnx_dir), threads or None)
+            self.onnx_dir = Path(onnx_dir)
+            self.onnx = OnnxGenerator(self.onnx_dir, threads or None)
             self.tokenizer = load_tokenizer(Path(onnx_dir) / "tokenizer.json")
             self.vocab_size = json.loads((Path(onnx_dir) / "config.json").read_text())["vocab_size"]
             self.model = SimpleNamespace(config=SimpleNamespace(block_size=self.onnx.block_size))  # the length check
+        elif tp > 1:  # the shards live in worker processes; this process keeps the config and the tokenizer only
+            from labs_lib.deploy.tensor_parallel import TensorParallelWorkers
+
+            self.workers = TensorParallelWorkers(checkpoint, tp, threads)
+            self.model = SimpleNamespace(config=self.workers.config)
+            self.tokenizer = load_tokenizer(resolve(checkpoint)[1] / "tokenizer.json")
+            self.vocab_size = self.workers.config.vocab_size
         else:
             self.model, self.tokenizer, _ = load_trained(checkpoint)
             self.vocab_size = self.model.config.vocab_size
         self.eos = self.tokenizer.token_to_id(EOT)
         self._sampled = 0  # a counter that keeps every sampled request in a batch of its own
 
-    def _generate(self, prompts: list[list[int]], d: Decoding, finished_when=None) -> list[list[int]]:
+    @property
+    def weight_bytes(self) -> list[int]:
+        """Bytes of weights each process holds: one entry per tensor-parallel worker, or this process's."""
+        if self.workers is not None:
+            return self.workers.weight_bytes
+        if self.onnx is not None:  # ONNX Runtime holds the graph's initializers: its files' bytes
+            return [sum(f.stat().st_size for f in self.onnx_dir.iterdir() if f.suffix in (".onnx", ".data"))]
+        return [storage_bytes([*self.model.parameters(), *self.model.buffers()])[0]]
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any."""
+        if self.workers is not None:
+            self.workers.close()
+
+    def _generate(self, prompts: list[list[int]], d: Decoding, stop: tuple[tuple[int, ...], ...] = (),
+                  on_token: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+        """generate_ids' rows, ending at the first stop sequence; ``on_token(new tokens)`` after each token."""
+        if self.workers is not None:
+            return self.workers.generate(prompts, d, stop, on_token)
         if self.onnx is not None:
             return self.onnx.generate_ids(prompts, d.max_new_tokens, d.eos_token_id)
-        return generate_ids(self.model, prompts, d, finished_when)
+        return generate_ids(self.model, prompts, d, finished_rule(stop, on_token))
 
     # ------------------------------------------------------------------------------------------------ parsing
     def parse(self, inputs: dict[str, np.ndarray | None]) -> GenerationRequest:
@@ -190,9 +215,8 @@ class GptEngine:
                 groups.setdefault(request.batch_key, []).append(i)
         for members in groups.values():
             first = requests[members[0]]
-            stopped = partial(_ends_with_any, sequences=first.stop) if first.stop else None
             try:
-                rows = self._generate([requests[i].prompt for i in members], first.decoding, stopped)
+                rows = self._generate([requests[i].prompt for i in members], first.decoding, first.stop)
             except Exception as e:  # a bad batch answers with its error; the server stays up
                 for i in members:
                     emit(i, ValueError(f"generation failed: {type(e).__name__}: {e}"), True)
@@ -205,16 +229,15 @@ class GptEngine:
     def _stream(self, index: int, request: GenerationRequest, emit: Emit) -> None:
         sent = 0
 
-        def on_token(new: list[int]) -> bool:  # called after each token that is not the end id
+        def on_token(new: list[int]) -> None:  # called after each token that is not the end id
             nonlocal sent
             pending = new[sent:]
             if not decode(self.tokenizer, pending).endswith("\ufffd"):  # a whole character (or more)
                 emit(index, pending, False)
                 sent = len(new)
-            return _ends_with_any(new, request.stop)
 
         try:
-            row = self._generate([request.prompt], request.decoding, on_token)[0]
+            row = self._generate([request.prompt], request.decoding, request.stop, on_token)[0]
         except Exception as e:  # as above: the error is this request's answer
             emit(index, ValueError(f"generation failed: {type(e).__name__}: {e}"), True)
             return

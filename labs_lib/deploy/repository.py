@@ -18,8 +18,11 @@ import string
 from pathlib import Path
 
 from labs_lib.core import paths
+from labs_lib.core.checkpoint import load_meta
+from labs_lib.core.config import GPTConfig
 from labs_lib.deploy.words import TOKENIZER_FILE
 from labs_lib.inference.generate import resolve
+from labs_lib.parallel.tensor_parallel import check_tensor_parallel
 
 __all__ = ["TEMPLATES", "MODELS", "ENGINES", "render_repository", "default_repository"]
 
@@ -51,11 +54,14 @@ def render_repository(run: str | Path, out: str | Path | None = None, max_batch_
     Only the four model folders of ``out`` are replaced; anything else there stays."""
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: use one of {ENGINES}")
-    if tp != 1:
-        raise ValueError(f"tp={tp}: tensor-parallel serving is not yet supported; render with tp=1")
     if max_batch_size < 1 or max_queue_delay_microseconds < 0 or instance_count < 1:
         raise ValueError("max_batch_size and instance_count must be >= 1 and the queue delay >= 0")
     checkpoint, run_dir = resolve(run)
+    if tp != 1:  # split the model now, not when the server loads it: the fix is in the message
+        if engine != "torch":
+            raise ValueError(f"tp={tp} with engine={engine!r}: tensor-parallel serving runs the torch engine; "
+                             "render with engine='torch' or tp=1")
+        check_tensor_parallel(GPTConfig(**load_meta(checkpoint)["model"]), tp)
     if not (run_dir / TOKENIZER_FILE).exists():
         raise FileNotFoundError(f"{run_dir / TOKENIZER_FILE} is missing: the run folder must hold the tokenizer it "
                                 "trained with")

@@ -39,8 +39,9 @@ class CausalSelfAttention(nn.Module):
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v of ``x`` (B, T, C), each (B, heads, T, head_dim). The number of heads comes from the tensor, not
         the config: a tensor-parallel or head-pruned qkv holds only its heads."""
-        B, T, _ = x.shape
-        return tuple(t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        qkv = self.qkv(x)
+        B, T, _ = qkv.shape  # T from qkv: a sequence-parallel qkv gathers the whole sequence from x's shard
+        return tuple(t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape

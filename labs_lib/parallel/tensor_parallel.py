@@ -340,10 +340,11 @@ class TensorParallelSelfAttention(nn.Module):
         self.proj = RowParallelLinear.from_linear(attn.proj, group, sequence_parallel)
         self.resid_drop = ShardedDropout(attn.resid_drop.p) if sequence_parallel else attn.resid_drop
 
+    split_heads = CausalSelfAttention.split_heads  # q, k, v of this rank's heads (the KV-cached attention uses it)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv(x)  # (B, T, 3·n_embd/t): q, k, v of this rank's heads; T is the full sequence
-        B, T, _ = qkv.shape
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        q, k, v = self.split_heads(x)  # (B, heads/t, T, head_dim); T is the full sequence
+        B, T = q.size(0), q.size(2)
         with get_rng_tracker().fork() if self.training and self.dropout > 0 else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=True)

@@ -34,12 +34,25 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        if int(parameters.get("tensor_parallel_size") or 1) != 1:
-            raise ValueError("tensor_parallel_size > 1 is not served yet: render the repository with tp=1")
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
+        # tensor_parallel_size > 1: this instance drives that many worker processes holding the shards
         self.engine = GptEngine(parameters["checkpoint_dir"], decoupled=self.decoupled,
                                 threads=int(parameters.get("torch_threads") or 0),
-                                onnx_dir=parameters.get("onnx_dir") or None)
+                                onnx_dir=parameters.get("onnx_dir") or None,
+                                tp=int(parameters.get("tensor_parallel_size") or 1))
+        # What each process holds, on the metrics endpoint (a Metric must go before its family: see finalize).
+        self.weight_family = pb_utils.MetricFamily(
+            name="gpt_worker_weight_bytes", description="Bytes of weights held by each tensor-parallel worker",
+            kind=pb_utils.MetricFamily.GAUGE)
+        self.weight_metrics = []
+        for rank, nbytes in enumerate(self.engine.weight_bytes):
+            metric = self.weight_family.Metric(labels={"model": args["model_name"], "rank": str(rank)})
+            metric.set(nbytes)
+            self.weight_metrics.append(metric)
+
+    def finalize(self):
+        self.engine.close()
+        self.weight_metrics.clear()
 
     def execute(self, requests):
         parsed = []
