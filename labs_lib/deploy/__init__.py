@@ -7,6 +7,8 @@ repository.py   render triton_models/ (TensorRT-LLM's inflight_batcher_llm layou
                 postprocessing, ensemble) from a run's checkpoint (torch or ONNX engine)
 engine.py       the gpt model's engine: TensorRT-LLM's tensors to KV-cached generation, batching, streaming; or the
                 ONNX export run by ONNX Runtime
+tensor_parallel.py  tensor-parallel serving: tp worker processes holding the shards, driven by the gpt model's
+                instance in lockstep (gloo on CPU, NCCL on GPU)
 words.py        the tokenizer side without torch (preprocessing / postprocessing), TensorRT-LLM's word lists
 client.py       the generate / generate_stream endpoints, tritonclient HTTP and gRPC (streaming too)
 
