@@ -1,6 +1,10 @@
 """inference: using a trained checkpoint (lab 09), and what lab 10 serves.
 
 cache.py      the KV cache (preallocated, or grown for an exported graph) and the cached forward of the GPT
+paged.py      the paged KV cache (a pool of fixed-size blocks, a block table per sequence) and the packed forward
+              without padding (prefill chunks and decode tokens of many sequences in one row)
+inflight.py   in-flight (continuous) batching over the paged cache: guaranteed_no_evict / max_utilization admission,
+              eviction and resume, max_num_tokens per step, per-request sampling, stop sequences, streaming callbacks
 generate.py   batched, KV-cached generation: greedy, temperature, top-k, top-p, repetition penalty, beam search,
               stop strings; the CLI ``python -m labs_lib.generate``
 export.py     a run to the Hugging Face GPT-2 format (with its tokenizer) or to ONNX with KV-cache inputs and
