@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from labs_lib.deploy import client
 from labs_lib.deploy.engine import GptEngine
@@ -144,14 +146,18 @@ def test_engine_refuses_bad_requests_naming_the_fix(trained_run):
     good = {"input_ids": np.array([[5, 6]], np.int32), "request_output_len": np.array([[4]], np.int32)}
     assert engine.parse(good).decoding.temperature == 0  # no temperature, no top_k / top_p: greedy
     assert engine.parse(dict(good, runtime_top_k=np.array([[5]]))).decoding.temperature == 1.0
+    words = np.array([[[7, 8, 9], [1, 3, -1]]], np.int32)
+    assert engine.parse(dict(good, bad_words_list=words)).decoding.bad_words == ((7,), (8, 9))
     bad = [({"input_ids": np.zeros((1, 0), np.int32)}, "empty"),
            ({"request_output_len": np.array([[-2]])}, "max_tokens=-2"),
            ({"temperature": np.array([[np.nan]], np.float32)}, "temperature=nan: send a finite number"),
            ({"runtime_top_p": np.array([[1.5]], np.float32), "temperature": np.array([[1.0]])}, "top_p"),
            ({"input_ids": np.array([[5] * 200], np.int32)}, "context"),
            ({"input_ids": np.array([[10**6]], np.int32)}, "outside the vocabulary"),
+           ({"input_lengths": np.array([[3]], np.int32)}, r"input_lengths=3 but input_ids holds 2 tokens: send"),
            ({"streaming": np.array([[True]])}, "decoupled"),
-           ({"bad_words_list": np.array([[[7], [1]]], np.int32)}, "bad_words")]
+           ({"bad_words_list": np.array([[[10**6], [1]]], np.int32)}, r"bad_words token ids \[1000000\] are not in"),
+           ({"bad_words_list": np.array([[[7], [2]]], np.int32)}, "offsets")]
     for change, message in bad:
         with pytest.raises(ValueError, match=message):
             engine.parse(dict(good, **change))
@@ -210,6 +216,19 @@ def test_settings_reach_the_engine(server, local, trained_run):
     end = next(j for j in range(1, len(ids[prompt]) + 1) if tuple(ids[prompt][:j][-len(stop):]) == stop)
     assert client.generate(server.http_url, prompt, MAX_TOKENS, stop_words=[word]) == tokenizer.decode(
         ids[prompt][:end])
+
+
+def test_bad_words_change_the_greedy_text_as_locally(server, local, trained_run):
+    model, tokenizer, _ = load_trained(trained_run)
+    texts, ids = local
+    prompt = PROMPTS[1]
+    # A word of the greedy text that is one token: banning it must change the text.
+    word = next(tokenizer.decode([t]) for t in ids[prompt] if tokenizer.encode(tokenizer.decode([t])).ids == [t])
+    d = Decoding(max_new_tokens=MAX_TOKENS, temperature=0, bad_words=(tuple(tokenizer.encode(word).ids),))
+    expected = generate_text(model, tokenizer, prompt, d)[0]
+    assert expected != texts[prompt]
+    assert client.generate(server.http_url, prompt, MAX_TOKENS, bad_words=[word]) == expected
+    assert "".join(client.generate_stream(server.http_url, prompt, MAX_TOKENS, bad_words=[word])) == expected
 
 
 def test_streaming_yields_the_text_token_by_token(server, local):
@@ -271,8 +290,9 @@ def test_the_onnx_engine_serves_the_export(onnx_server, local):
         served = client.generate(onnx_server.http_url, prompt, MAX_TOKENS)
         assert served == tokenizer.decode(new) == texts[prompt]  # ONNX Runtime's greedy text is torch's
         assert client.http_infer(onnx_server.http_url, prompt, MAX_TOKENS) == served
-    with pytest.raises(client.InferenceError, match="ONNX engine generates greedily"):
-        client.generate(onnx_server.http_url, PROMPTS[0], MAX_TOKENS, temperature=0.5)
+    for refused in (dict(temperature=0.5), dict(bad_words=["x"])):
+        with pytest.raises(client.InferenceError, match="ONNX engine generates greedily"):
+            client.generate(onnx_server.http_url, PROMPTS[0], MAX_TOKENS, **refused)
     assert client.generate(onnx_server.http_url, PROMPTS[0], MAX_TOKENS) == texts[PROMPTS[0]]
 
 
@@ -291,8 +311,9 @@ BAD_BODIES = {
     "negative max_tokens": ({"text_input": "def ", "max_tokens": -3}, "max_tokens=-3"),
     "prompt past the context": ({"text_input": "x = 1\n" * 200, "max_tokens": 4}, "context"),
     "missing text_input": ({"max_tokens": 8}, "text_input"),
+    "missing max_tokens": ({"text_input": "def "}, "missing required input(s) ['max_tokens']"),  # Triton's words
     "max_tokens not a number": ({"text_input": "def ", "max_tokens": "many"}, "Unable to parse"),  # Triton's words
-    "bad words": ({"text_input": "def ", "max_tokens": 8, "bad_words": ["return"]}, "bad_words"),
+    "absurd max_tokens": ({"text_input": "def ", "max_tokens": 10**9}, "past the model's context of 128: ask for"),
     "top_p out of range": ({"text_input": "def ", "max_tokens": 8, "temperature": 1.0, "top_p": 2.0}, "top_p"),
 }
 
@@ -304,6 +325,52 @@ def test_malformed_requests_get_an_error_and_the_server_goes_on(server, local, c
     assert status >= 400 and message in json.loads(text)["error"], text
     assert server.is_ready()
     assert client.generate(server.http_url, PROMPTS[0], MAX_TOKENS) == local[0][PROMPTS[0]]
+
+
+def _tensor(name: str, value, datatype: str) -> httpclient.InferInput:
+    array = np.array(value, dtype=triton_to_np_dtype(datatype))
+    tensor = httpclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+_PROMPT = [("text_input", [[b"def "]], "BYTES"), ("max_tokens", [[8]], "INT32")]
+_IDS = [("input_ids", [[5, 6]], "INT32"), ("input_lengths", [[2]], "INT32"), ("request_output_len", [[4]], "INT32")]
+# (model, its input tensors, what the error says): tritonclient sends what the generate endpoint's JSON cannot.
+BAD_TENSORS = {
+    "max_tokens as FP32": ("ensemble", [_PROMPT[0], ("max_tokens", [[8]], "FP32")],
+                           "'max_tokens' data-type is 'FP32', but model 'ensemble' expects 'INT32'"),
+    "temperature as a string": ("ensemble", [*_PROMPT, ("temperature", [[b"hot"]], "BYTES")],
+                                "'temperature' data-type is 'BYTES', but model 'ensemble' expects 'FP32'"),
+    "text_input of shape [1, 2]": ("ensemble", [("text_input", [[b"def ", b"x"]], "BYTES"), _PROMPT[1]],
+                                   "unexpected shape for input 'text_input'"),
+    "a batch of two prompts": ("ensemble", [("text_input", [[b"def "], [b"x"]], "BYTES"),
+                                            ("max_tokens", [[8], [8]], "INT32")],
+                               "text_input holds 2 strings; send each prompt as a request of its own"),
+    "text_input not UTF-8": ("ensemble", [("text_input", [[b"\xff\xfe"]], "BYTES"), _PROMPT[1]],
+                             "text_input is not UTF-8 text (invalid start byte at byte 0 of b'\\xff\\xfe'): send"),
+    "bad_words not UTF-8": ("ensemble", [*_PROMPT, ("bad_words", [[b"\xe2\x82"]], "BYTES")],
+                            "bad_words is not UTF-8 text"),
+    "token id outside the vocabulary": ("gpt", [("input_ids", [[5, 10**6]], "INT32"), *_IDS[1:]],
+                                        "token ids [1000000] are outside the vocabulary 0.."),
+    "input_lengths past the ids": ("gpt", [_IDS[0], ("input_lengths", [[5]], "INT32"), _IDS[2]],
+                                   "input_lengths=5 but input_ids holds 2 tokens: send"),
+    "missing input_lengths": ("gpt", [_IDS[0], _IDS[2]], "missing required input(s) ['input_lengths']"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TENSORS))
+def test_malformed_tensors_get_an_error_and_the_server_goes_on(plain_server, local, case):
+    model, tensors, message = BAD_TENSORS[case]
+    triton = httpclient.InferenceServerClient(plain_server.http_url)
+    try:
+        with pytest.raises(InferenceServerException) as refused:
+            triton.infer(model, [_tensor(*t) for t in tensors])
+    finally:
+        triton.close()
+    assert message in refused.value.message(), refused.value.message()
+    assert plain_server.is_ready()
+    assert client.http_infer(plain_server.http_url, PROMPTS[0], MAX_TOKENS) == local[0][PROMPTS[0]]
 
 
 def test_nan_temperature_is_refused(server, local):

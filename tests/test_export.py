@@ -83,6 +83,8 @@ def _hf_new_tokens(hf_model, prompt_ids: list[int], d: Decoding) -> list[int]:
                   early_stopping=d.early_stopping) if d.num_beams > 1 else {}
     if d.repetition_penalty != 1.0:
         kwargs["repetition_penalty"] = d.repetition_penalty
+    if d.bad_words:
+        kwargs["bad_words_ids"] = [list(word) for word in d.bad_words]
     ids = torch.tensor([prompt_ids])
     out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=d.max_new_tokens,
                             do_sample=False, eos_token_id=d.eos_token_id, pad_token_id=d.eos_token_id, **kwargs)
@@ -116,6 +118,20 @@ def test_transformers_generate_gives_our_tokens(trained, hf, settings):
         d = replace(d, eos_token_id=_finishing_eos(model, tokenizer, prompts, d))
     theirs = [_hf_new_tokens(hf[0], p, d) for p in prompts]
     assert theirs == generate_ids(model, prompts, d)
+
+
+@pytest.mark.parametrize("beams", [1, 5], ids=["greedy", "beam-search"])
+def test_transformers_bad_words_ids_give_our_tokens(trained, hf, beams):
+    """Words taken from our own output, so that banning them changes it: one token, two tokens of the new text,
+    two whose first is the prompt's last; transformers' generate(bad_words_ids=...) gives the same tokens."""
+    model, tokenizer, eot = trained
+    d = Decoding(max_new_tokens=NEW, temperature=0, eos_token_id=eot, num_beams=beams)
+    for prompt in [encode(tokenizer, p) for p in PROMPTS[:2]]:
+        free = generate_ids(model, [prompt], d)[0]
+        for word in ((free[2],), (free[3], free[4]), (prompt[-1], free[0])):
+            banned = replace(d, bad_words=(word,))
+            ours = generate_ids(model, [prompt], banned)[0]
+            assert ours != free and ours == _hf_new_tokens(hf[0], prompt, banned), word
 
 
 def test_transformers_left_padded_batch_gives_our_tokens(trained, hf):

@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -10,7 +11,15 @@ import torch
 from labs_lib.core.config import GPTConfig
 from labs_lib.data.text import EOT, encode
 from labs_lib.inference.cache import KVCache, forward_cached
-from labs_lib.inference.generate import Decoding, beam_search, generate_ids, generate_text, load_trained, process_logits
+from labs_lib.inference.generate import (
+    Decoding,
+    beam_search,
+    generate_ids,
+    generate_text,
+    load_trained,
+    main,
+    process_logits,
+)
 from labs_lib.models.gpt import GPT
 
 PROMPTS = ["def main():\n    ", "import os", "class Point(object):\n    def __init__(self, x"]
@@ -24,6 +33,14 @@ def trained(trained_run):
 
 def reference(model, prompt, n):
     return model.generate(torch.tensor([prompt]), n, temperature=0)[0, len(prompt):].tolist()
+
+
+def one_token_word(tokenizer, ids):
+    """The text of the first token of ``ids`` that encodes back to that token alone (banning the text bans the
+    token), printable ASCII without backslashes (the CLI reads escapes)."""
+    words = [tokenizer.decode([t]) for t in ids]
+    return next(w for t, w in zip(ids, words) if w.isascii() and w.isprintable() and "\\" not in w
+                and encode(tokenizer, w) == [t])
 
 
 def test_cached_greedy_is_token_for_token_the_uncached_reference(trained):
@@ -52,6 +69,8 @@ def test_a_left_padded_batch_generates_what_each_prompt_does_alone(trained):
     assert generate_ids(model, prompts, Decoding(40, temperature=0)) == alone
     penalised = Decoding(40, temperature=0, repetition_penalty=1.3)
     assert generate_ids(model, prompts, penalised) == [generate_ids(model, [p], penalised)[0] for p in prompts]
+    banned = Decoding(40, temperature=0, bad_words=((alone[0][3],), (alone[1][4], alone[1][5])))
+    assert generate_ids(model, prompts, banned) == [generate_ids(model, [p], banned)[0] for p in prompts]
 
 
 def test_the_cache_is_allocated_once_and_refuses_to_overflow(trained):
@@ -99,6 +118,37 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_scores_of_s
     assert out.tolist() == [[1.0, -2.0, 3.0, -2.0]]
 
 
+def test_banned_tokens_are_never_generated_greedy_sampled_or_in_beams(trained):
+    model, _, prompts = trained
+    free = generate_ids(model, prompts, Decoding(20, temperature=0))
+    banned = {t for t, _ in Counter(t for row in free for t in row).most_common(3)}  # the likeliest tokens
+    words = tuple((t,) for t in sorted(banned))
+    greedy = generate_ids(model, prompts, Decoding(20, temperature=0, bad_words=words))
+    sampled = generate_ids(model, prompts, Decoding(20, temperature=1.0, seed=2, bad_words=words))
+    beams = generate_ids(model, prompts, Decoding(20, temperature=0, num_beams=2, bad_words=words))
+    for rows in (greedy, sampled, beams):
+        assert all(len(row) == 20 and not banned & set(row) for row in rows), rows
+    assert greedy != free
+
+
+def test_a_longer_bad_word_bans_its_last_token_only_after_its_other_tokens(trained):
+    seen = torch.tensor([[0, 3], [0, 3], [3, 1]])
+    mask = torch.tensor([[False, True], [True, True], [True, True]])  # row 0 is left-padded: its 0 is no token
+    words = ((2,), (3, 4), (0, 3, 5), (1, 0, 3, 0))  # the last one is longer than anything seen: it bans nothing
+    banned = process_logits(torch.zeros(3, 6), seen, mask, Decoding(temperature=0, bad_words=words)).isinf()
+    assert banned.tolist() == [[False, False, True, False, True, False],
+                               [False, False, True, False, True, True],
+                               [False, False, True, False, False, False]]
+    model, _, prompts = trained  # a word taken from the greedy text: that text changes where the word first ends
+    prompt = prompts[0]
+    free = generate_ids(model, [prompt], Decoding(30, temperature=0))[0]
+    word = (free[3], free[4])
+    first = next(j for j in range(len(free)) if tuple((prompt + free)[len(prompt) + j - 1:][:2]) == word)
+    out = generate_ids(model, [prompt], Decoding(30, temperature=0, bad_words=(word,)))[0]
+    assert out[:first] == free[:first] and out[first] != free[first]
+    assert all(tuple((prompt + out)[len(prompt) + j - 1:][:2]) != word for j in range(len(out)))
+
+
 def test_stop_strings_and_end_of_text_end_a_row(trained):
     model, tokenizer, _ = trained
     free = generate_text(model, tokenizer, PROMPTS[0], Decoding(60, temperature=0))[0]
@@ -142,14 +192,21 @@ def test_an_moe_gpt_generates_the_same_with_and_without_the_cache():
     (dict(temperature=0, top_k=5), "greedy"),
     (dict(max_new_tokens=0), "at least 1"),
     (dict(temperature=-1), "temperature"),
+    (dict(bad_words=((5,), ())), "empty word, which bans nothing: drop it"),
+    (dict(bad_words=((5, -1),)), r"bad_words token ids \[-1\] are not non-negative: encode the words"),
 ])
 def test_contradictory_settings_are_refused_naming_the_fix(settings, message):
     with pytest.raises(ValueError, match=message):
         Decoding(**settings).check()
 
 
-def test_too_long_a_prompt_or_generation_names_the_limit(trained):
+def test_too_long_a_prompt_or_generation_names_the_limit_and_bad_words_the_vocabulary(trained):
     model, _, _ = trained
+    vocab = model.config.vocab_size
+    for d in (Decoding(5, temperature=0, bad_words=((vocab,),)), Decoding(5, temperature=0, num_beams=2,
+                                                                            bad_words=((vocab,),))):
+        with pytest.raises(ValueError, match=rf"\[{vocab}\] are not in the vocabulary 0..{vocab - 1}"):
+            generate_ids(model, [[1, 2]], d)
     context = model.config.block_size
     with pytest.raises(ValueError, match=f"under {context} tokens"):
         generate_ids(model, [[1] * context], Decoding(5, temperature=0))
@@ -168,6 +225,18 @@ def test_the_cli_prints_the_prompt_then_its_greedy_continuation(trained_run, tra
     assert result.returncode == 0, result.stderr
     want = generate_text(model, tokenizer, PROMPTS[1], Decoding(30, temperature=0))[0]
     assert result.stdout.startswith(PROMPTS[1] + want)
+
+
+def test_the_cli_bans_bad_words(trained_run, trained, capsys):
+    model, tokenizer, _ = trained
+    free = generate_ids(model, [encode(tokenizer, PROMPTS[1])], Decoding(30, temperature=0))[0]
+    word = one_token_word(tokenizer, free)
+    main(["--checkpoint", str(trained_run), "--prompt", PROMPTS[1], "--max-new-tokens", "30", "--temperature", "0",
+          "--bad-word", word])
+    want = generate_text(model, tokenizer, PROMPTS[1], Decoding(30, temperature=0,
+                                                                bad_words=(tuple(encode(tokenizer, word)),)))[0]
+    assert capsys.readouterr().out.startswith(PROMPTS[1] + want + "\n")
+    assert want != generate_text(model, tokenizer, PROMPTS[1], Decoding(30, temperature=0))[0]
 
 
 def test_the_cli_errors_are_one_clear_line(trained_run, tmp_path):

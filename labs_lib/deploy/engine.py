@@ -16,7 +16,8 @@ request sends its tokens as they come, grouped only where one token would split 
 With ``tp`` > 1 the weights live in that many worker processes, each holding one tensor-parallel shard
 (:mod:`labs_lib.deploy.tensor_parallel`); this process keeps the config and tokenizer and drives them.
 With ``onnx_dir`` the engine is the ONNX export run by ONNX Runtime (``labs_lib.inference.export.OnnxGenerator``,
-greedy and KV-cached); requests it cannot serve (sampling, penalties, beams, stop words, streaming) are refused.
+greedy and KV-cached); requests it cannot serve (sampling, penalties, beams, stop words, bad words,
+streaming) are refused.
 """
 
 from __future__ import annotations
@@ -155,12 +156,11 @@ class GptEngine:
         d = Decoding(max_new_tokens=max_new, temperature=temperature, top_k=top_k, top_p=top_p,
                      repetition_penalty=_finite("repetition_penalty", _scalar(inputs, "repetition_penalty")) or 1.0,
                      num_beams=beams, length_penalty=_finite("length_penalty", _scalar(inputs, "len_penalty")) or 1.0,
+                     bad_words=tuple(from_word_list(inputs.get("bad_words_list"))),
                      eos_token_id=self.eos if end_id is None else end_id, seed=_scalar(inputs, "seed", int) or 0)
-        d.check()
+        d.check(self.vocab_size)
         _check_length(self.model, len(prompt), max_new)
         stop = tuple(from_word_list(inputs.get("stop_words_list")))
-        if from_word_list(inputs.get("bad_words_list")):
-            raise ValueError("bad_words are not supported by this engine yet: leave bad_words empty")
         stream = bool(_scalar(inputs, "streaming", bool))
         if stream and not self.decoupled:
             raise ValueError("streaming needs the decoupled gpt model: render the repository with decoupled=True "
@@ -168,9 +168,11 @@ class GptEngine:
         if beams > 1 and (stream or stop):
             raise ValueError("beam search (beam_width > 1) neither streams nor stops at stop words here: send "
                              "beam_width 1, or no stream / stop_words")
-        if self.onnx is not None and (temperature != 0 or d.repetition_penalty != 1 or beams > 1 or stop or stream):
-            raise ValueError("the ONNX engine generates greedily, without repetition penalty, beams, stop words or "
-                             "streaming: send temperature 0 (or none) and none of those, or serve the torch engine")
+        if self.onnx is not None and (temperature != 0 or d.repetition_penalty != 1 or beams > 1 or stop or stream
+                                      or d.bad_words):
+            raise ValueError("the ONNX engine generates greedily, without repetition penalty, beams, stop words, bad "
+                             "words or streaming: send temperature 0 (or none) and none of those, or serve the torch "
+                             "engine")
         exclude = _scalar(inputs, "exclude_input_in_output", bool)
         key = (astuple(d), stop) if temperature == 0 else ("sampled", self._next_sampled())
         return GenerationRequest(prompt, d, stop, stream, True if exclude is None else exclude, key)
@@ -191,13 +193,15 @@ class GptEngine:
         length = _scalar(inputs, "input_lengths", int)
         length = ids.shape[1] if length is None else length
         if not 0 <= length <= ids.shape[1]:
-            raise ValueError(f"input_lengths={length} but input_ids holds {ids.shape[1]} tokens")
+            raise ValueError(f"input_lengths={length} but input_ids holds {ids.shape[1]} tokens: send the prompt's "
+                             f"token count (1..{ids.shape[1]})")
         prompt = [int(t) for t in ids[0, :length]]
         if not prompt:
             raise ValueError("the prompt is empty (0 tokens): send a non-empty text_input")
         outside = [t for t in prompt if not 0 <= t < self.vocab_size]
         if outside:
-            raise ValueError(f"token ids {outside[:5]} are outside the vocabulary 0..{self.vocab_size - 1}")
+            raise ValueError(f"token ids {outside[:5]} are outside the vocabulary 0..{self.vocab_size - 1}: send ids "
+                             "from the run's tokenizer (the ensemble's text_input does)")
         return prompt
 
     # ------------------------------------------------------------------------------------------------ generation

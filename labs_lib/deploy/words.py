@@ -73,9 +73,17 @@ def from_word_list(words: np.ndarray | None) -> list[tuple[int, ...]]:
     return out
 
 
-def strings_of(array: np.ndarray | None) -> list[str]:
-    """A TYPE_STRING tensor's elements as text (bytes decoded as UTF-8), flattened; None → []."""
+def strings_of(array: np.ndarray | None, name: str = "a string input") -> list[str]:
+    """A TYPE_STRING tensor's elements as text (bytes decoded as UTF-8), flattened; None → [].
+
+    Bytes that are not UTF-8 are a ValueError naming ``name`` (replacing them would generate from another text)."""
     if array is None:
         return []
-    return [v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v) for v in
-            np.asarray(array, dtype=object).reshape(-1)]
+    out = []
+    for v in np.asarray(array, dtype=object).reshape(-1):
+        try:
+            out.append(v.decode("utf-8") if isinstance(v, bytes) else str(v))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{name} is not UTF-8 text ({e.reason} at byte {e.start} of {v[:16]!r}): send the "
+                             "text encoded as UTF-8") from None
+    return out

@@ -3,7 +3,7 @@
     python -m labs_lib.generate --checkpoint build/runs/demo --prompt "def " --max-new-tokens 80
     python -m labs_lib.generate --checkpoint build/runs/demo --prompt "import " --temperature 0      # greedy
     python -m labs_lib.generate --checkpoint RUN --prompt "def " --temperature 0.8 --top-k 50 --top-p 0.95 \\
-        --repetition-penalty 1.2 --stop "\\n\\n" --seed 1
+        --repetition-penalty 1.2 --stop "\\n\\n" --bad-word "print" --seed 1
     python -m labs_lib.generate --checkpoint RUN --prompt "class " --num-beams 5 --max-new-tokens 40
 
 ``--checkpoint`` is a run folder (its newest checkpoint is used) or one ``step_N`` folder of it. In code::
@@ -13,10 +13,13 @@
     new_ids = generate_ids(model, [[12, 7], [3]], Decoding(temperature=0.8, top_p=0.9, seed=1))
 
 Prompts of different lengths run as one left-padded batch; each row computes what it would alone. Processing
-follows ``transformers``' order: repetition penalty on the logits, then temperature, top-k, top-p, then sampling
-(greedy when the temperature is 0). Beam search (``num_beams`` > 1) is ``transformers``' algorithm: the
-2·beams best continuations of all beams each step, a beam that ends (end of text, or the length limit) scored by
-its summed log-probabilities / length ** length_penalty, stopping once no open beam can beat the worst kept one.
+follows ``transformers``' order: repetition penalty on the logits, bad words, then temperature, top-k, top-p, then
+sampling (greedy when the temperature is 0). A bad word (a token sequence, ``transformers``' ``bad_words_ids`` and
+TensorRT-LLM's bad_words) is never generated: its last token is banned wherever the tokens so far, prompt included,
+end with its other tokens (always, for a one-token word). Beam search (``num_beams`` > 1) is ``transformers``'
+algorithm: the 2·beams best continuations of all beams each step, a beam that ends (end of text, or the length
+limit) scored by its summed log-probabilities / length ** length_penalty, stopping once no open beam can beat the
+worst kept one.
 The uncached ``GPT.generate`` stays as the reference the tests hold this to.
 """
 
@@ -54,11 +57,13 @@ class Decoding:
     length_penalty: float = 1.0
     early_stopping: bool = False
     stop: tuple[str, ...] = field(default_factory=tuple)  # stop at the first of these strings (text helpers only)
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token sequences never to generate
     eos_token_id: int | None = None  # end of text: a row that emits it is finished
     seed: int = 0
 
-    def check(self) -> Decoding:
-        """Raise a ValueError naming the fix for settings that contradict each other or make no sense."""
+    def check(self, vocab_size: int | None = None) -> Decoding:
+        """Raise a ValueError naming the fix for settings that contradict each other or make no sense (bad word
+        ids outside ``vocab_size`` too, when given)."""
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens={self.max_new_tokens}: generate at least 1 token")
@@ -80,6 +85,14 @@ class Decoding:
         if self.temperature == 0 and (self.top_k is not None or self.top_p is not None):
             problems.append("top_k / top_p with temperature 0: greedy takes the best token anyway; set a "
                             "temperature > 0 to sample, or drop them")
+        if any(len(word) == 0 for word in self.bad_words):
+            problems.append("bad_words holds an empty word, which bans nothing: drop it")
+        top = float("inf") if vocab_size is None else vocab_size
+        outside = sorted({t for word in self.bad_words for t in word if not 0 <= t < top})
+        if outside:
+            known = "non-negative" if vocab_size is None else f"in the vocabulary 0..{vocab_size - 1}"
+            problems.append(f"bad_words token ids {outside[:5]} are not {known}: encode the words with the run's "
+                            "tokenizer")
         if problems:
             raise ValueError("bad decoding settings: " + "; ".join(problems))
         return self
@@ -121,15 +134,24 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu"):
 
 
 def process_logits(logits: torch.Tensor, seen: torch.Tensor, seen_mask: torch.Tensor, d: Decoding) -> torch.Tensor:
-    """Next-token scores (B, vocab) after repetition penalty, temperature, top-k and top-p (filtered ones -inf).
+    """Next-token scores (B, vocab) after repetition penalty, bad words, temperature, top-k and top-p (banned and
+    filtered ones -inf).
 
-    ``seen`` (B, S) the tokens so far, ``seen_mask`` which of them are real (padding is not penalised). The
-    repetition penalty (CTRL; transformers' rule) divides a seen token's positive score and multiplies a negative
-    one by the penalty."""
+    ``seen`` (B, S) the tokens so far, ``seen_mask`` which of them are real (padding is neither penalised nor part
+    of a bad word). The repetition penalty (CTRL; transformers' rule) divides a seen token's positive score and
+    multiplies a negative one by the penalty."""
     if d.repetition_penalty != 1.0:
         picked = logits.gather(1, seen)
         penalised = torch.where(picked < 0, picked * d.repetition_penalty, picked / d.repetition_penalty)
         logits = logits.scatter(1, seen, torch.where(seen_mask.bool(), penalised, picked))
+    if d.bad_words:
+        banned = torch.zeros_like(logits, dtype=torch.bool)
+        for *prefix, last in d.bad_words:  # banned in the rows whose last real tokens are the prefix (none: all)
+            start = seen.size(1) - len(prefix)
+            if start >= 0:
+                ends_with = (seen[:, start:] == seen.new_tensor(prefix)) & seen_mask[:, start:].bool()
+                banned[:, last] |= ends_with.all(dim=1)
+        logits = logits.masked_fill(banned, float("-inf"))
     if d.temperature == 0 or d.num_beams > 1:
         return logits
     logits = logits / d.temperature
@@ -174,7 +196,7 @@ def generate_ids(model: GPT, prompts: list[list[int]], d: Decoding,
     """The new tokens of each prompt, as one left-padded batch with a KV cache. A row ends with
     ``eos_token_id`` (included), or where ``finished_when(its new tokens)`` first holds (a stop string), or at
     ``max_new_tokens``. Beam search runs prompt by prompt (:func:`beam_search`)."""
-    d.check()
+    d.check(model.config.vocab_size)
     if d.num_beams > 1:
         return [beam_search(model, p, d) for p in prompts]
     device = model.ln_f.weight.device  # a float parameter every variant keeps (a quantized head dequantizes)
@@ -212,8 +234,8 @@ def generate_ids(model: GPT, prompts: list[list[int]], d: Decoding,
 def beam_search(model: GPT, prompt: list[int], d: Decoding) -> list[int]:
     """The new tokens of the best beam for one prompt (transformers' beam search, see the module docstring).
 
-    As in transformers, the repetition penalty acts on the log-probabilities here."""
-    d.check()
+    As in transformers, the repetition penalty and bad words act on the log-probabilities here."""
+    d.check(model.config.vocab_size)
     device = model.ln_f.weight.device  # a float parameter every variant keeps (a quantized head dequantizes)
     _check_length(model, len(prompt), d.max_new_tokens)
     beams, width = d.num_beams, 2 * d.num_beams  # candidates kept per step: enough to continue beams after EOS
@@ -294,6 +316,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=1, help="> 1: beam search (with --temperature 0)")
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable); \\n is a newline")
+    p.add_argument("--bad-word", action="append", default=[],
+                   help="never generate this text (repeatable): its tokens, encoded alone; \\n is a newline")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (seeds seed, seed+1, ...)")
     return p
@@ -301,11 +325,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    stop = tuple(s.encode().decode("unicode_escape") for s in args.stop)
+    unescaped = lambda strings: tuple(s.encode().decode("unicode_escape") for s in strings)
+    stop, bad = unescaped(args.stop), unescaped(args.bad_word)
     try:
         d = Decoding(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                      args.num_beams, args.length_penalty, stop=stop, seed=args.seed).check()
         model, tokenizer, meta = load_trained(args.checkpoint)
+        d = replace(d, bad_words=tuple(tuple(encode(tokenizer, w)) for w in bad))
         print(f"# step {meta['step']} of {args.checkpoint}", file=sys.stderr)
         for prompt in args.prompt or ["def "]:
             for i in range(args.num_samples):

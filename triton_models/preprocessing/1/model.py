@@ -36,9 +36,10 @@ class TritonPythonModel:
         return responses
 
     def _tensors(self, request):
-        query = strings_of(_input(request, "QUERY"))
+        query = strings_of(_input(request, "QUERY"), "text_input")
         if len(query) != 1:
-            raise ValueError(f"one prompt per request: text_input holds {len(query)} strings")
+            raise ValueError(f"one prompt per request: text_input holds {len(query)} strings; send each prompt as "
+                             "a request of its own")
         ids = encode_text(self.tokenizer, query[0])
         if not ids:
             raise ValueError("text_input is empty: send a prompt of at least one character")
@@ -49,9 +50,9 @@ class TritonPythonModel:
         return [pb_utils.Tensor("INPUT_ID", np.array([ids], np.int32)),
                 pb_utils.Tensor("REQUEST_INPUT_LEN", np.array([[len(ids)]], np.int32)),
                 pb_utils.Tensor("REQUEST_OUTPUT_LEN", output_len.astype(np.int32).reshape(1, -1)),
-                pb_utils.Tensor("STOP_WORDS_IDS", self._words(request, "STOP_WORDS_DICT")),
-                pb_utils.Tensor("BAD_WORDS_IDS", self._words(request, "BAD_WORDS_DICT")),
+                pb_utils.Tensor("STOP_WORDS_IDS", self._words(request, "STOP_WORDS_DICT", "stop_words")),
+                pb_utils.Tensor("BAD_WORDS_IDS", self._words(request, "BAD_WORDS_DICT", "bad_words")),
                 pb_utils.Tensor("OUT_END_ID", end_id), pb_utils.Tensor("OUT_PAD_ID", pad_id)]
 
-    def _words(self, request, name):
-        return to_word_list(self.tokenizer, strings_of(_input(request, name)))[None]
+    def _words(self, request, name, ensemble_name):
+        return to_word_list(self.tokenizer, strings_of(_input(request, name), ensemble_name))[None]
