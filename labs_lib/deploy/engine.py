@@ -38,7 +38,7 @@ from labs_lib.deploy.words import from_word_list
 from labs_lib.inference.generate import Decoding, _check_length, generate_ids, load_trained, resolve
 from labs_lib.measure.memory import storage_bytes
 
-__all__ = ["GPT_INPUTS", "GenerationRequest", "GptEngine", "Emit"]
+__all__ = ["GPT_INPUTS", "GenerationRequest", "GptEngine", "Emit", "whole_characters"]
 
 GPT_INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "stop_words_list",
               "bad_words_list", "beam_width", "temperature", "runtime_top_k", "runtime_top_p", "len_penalty",
@@ -61,6 +61,11 @@ class GenerationRequest:
         """What the response carries: the new tokens without the end id (TensorRT-LLM's), prompt first if asked."""
         new = [t for t in new if t != self.decoding.eos_token_id]
         return new if self.exclude_input else self.prompt + new
+
+
+def whole_characters(tokenizer, tokens: list[int]) -> bool:
+    """Whether ``tokens`` decode to whole characters (none split at their end): a piece a stream may send."""
+    return not decode(tokenizer, tokens).endswith("\ufffd")
 
 
 def _scalar(inputs: dict, name: str, kind=float):
@@ -236,7 +241,7 @@ class GptEngine:
         def on_token(new: list[int]) -> None:  # called after each token that is not the end id
             nonlocal sent
             pending = new[sent:]
-            if not decode(self.tokenizer, pending).endswith("\ufffd"):  # a whole character (or more)
+            if whole_characters(self.tokenizer, pending):
                 emit(index, pending, False)
                 sent = len(new)
 
