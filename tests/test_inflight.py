@@ -8,7 +8,7 @@ from labs_lib.data.text import encode
 from labs_lib.deploy.tensor_parallel import finished_rule
 from labs_lib.inference.cache import KVCache, forward_cached
 from labs_lib.inference.generate import Decoding, generate_ids, load_trained
-from labs_lib.inference.inflight import InflightBatcher, admission_cost, admitted
+from labs_lib.inference.inflight import InflightBatcher, TooLargeForPool, admission_cost, admitted
 from labs_lib.inference.paged import (
     PagedKVCache,
     PoolExhausted,
@@ -170,7 +170,7 @@ def test_end_id_stop_sequences_and_streaming_callbacks(trained):
 def test_refusals_name_the_fix(trained):
     model, prompts = trained
     batcher = InflightBatcher(model, num_blocks=4, block_size=4)
-    with pytest.raises(ValueError, match=r"num_blocks >= 7"):  # 9 + 20 - 1 = 28 tokens: 7 blocks of 4
+    with pytest.raises(TooLargeForPool, match=r"num_blocks >= 7"):  # 9 + 20 - 1 = 28 tokens: 7 blocks of 4
         batcher.submit(prompts[2][:9], Decoding(20, temperature=0))
     with pytest.raises(ValueError, match="beam_search"):
         batcher.submit(prompts[1], Decoding(4, temperature=0, num_beams=2))

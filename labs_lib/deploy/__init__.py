@@ -7,6 +7,8 @@ repository.py   render triton_models/ (TensorRT-LLM's inflight_batcher_llm layou
                 postprocessing, ensemble) from a run's checkpoint (torch or ONNX engine)
 engine.py       the gpt model's engine: TensorRT-LLM's tensors to KV-cached generation, batching, streaming; or the
                 ONNX export run by ONNX Runtime
+inflight.py     in-flight batching inside the gpt model (batching_strategy inflight_fused_batching): a scheduler
+                thread over the paged-cache batcher, answering each request through its response sender
 tensor_parallel.py  tensor-parallel serving: tp worker processes holding the shards, driven by the gpt model's
                 instance in lockstep (gloo on CPU, NCCL on GPU)
 words.py        the tokenizer side without torch (preprocessing / postprocessing), TensorRT-LLM's word lists

@@ -43,7 +43,7 @@ from labs_lib.inference.generate import Decoding, _check_length, process_logits
 from labs_lib.inference.paged import PagedKVCache, blocks_needed, forward_paged
 from labs_lib.models.gpt import GPT
 
-__all__ = ["POLICIES", "Sequence", "StepStats", "InflightBatcher", "admission_cost", "admitted"]
+__all__ = ["POLICIES", "TooLargeForPool", "Sequence", "StepStats", "InflightBatcher", "admission_cost", "admitted"]
 
 POLICIES = ("guaranteed_no_evict", "max_utilization")
 
@@ -74,6 +74,10 @@ def admitted(policy: str, queue: list[tuple[int, int]], free_blocks: int, block_
         free_blocks -= cost
         taken.append(i)
     return taken
+
+
+class TooLargeForPool(ValueError):
+    """A request that needs more KV blocks than the whole pool has: it could never run."""
 
 
 @dataclass(eq=False)
@@ -154,9 +158,9 @@ class InflightBatcher:
         _check_length(self.model, len(prompt), decoding.max_new_tokens)
         need, pool = blocks_needed(len(prompt), decoding.max_new_tokens, self.cache.block_size), self.cache.num_blocks
         if need > pool:
-            raise ValueError(f"this request ({len(prompt)} prompt + {decoding.max_new_tokens} new tokens) needs up to "
-                             f"{need} KV blocks of {self.cache.block_size} tokens and the whole pool has {pool}: make "
-                             f"the pool bigger (num_blocks >= {need}) or ask for fewer new tokens")
+            raise TooLargeForPool(f"this request ({len(prompt)} prompt + {decoding.max_new_tokens} new tokens) needs "
+                                  f"up to {need} KV blocks of {self.cache.block_size} tokens and the whole pool has "
+                                  f"{pool}: make the pool bigger (num_blocks >= {need}) or ask for fewer new tokens")
         device = self.model.ln_f.weight.device
         seq = Sequence(self._ids, list(prompt), decoding, tuple(tuple(s) for s in stop), on_token,
                        torch.Generator(device=device).manual_seed(decoding.seed))
