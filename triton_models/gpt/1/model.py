@@ -3,6 +3,9 @@
 A thin shell over labs_lib.deploy.engine.GptEngine (parsing, batching, streaming live there, tested without a
 server). Decoupled (the default rendering): each request gets its responses through its own response sender,
 one per token group when it streams, and a final flag; otherwise one response per request, in order.
+With the parameter batching_strategy inflight_fused_batching (TensorRT-LLM's), execute() hands each request to
+the in-flight scheduler's thread (labs_lib.deploy.inflight) and returns at once; that thread answers through the
+request's sender as its tokens come, requests joining and leaving the running batch between decode steps.
 """
 
 import json
@@ -11,6 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from labs_lib.deploy.engine import GPT_INPUTS, GptEngine
+from labs_lib.deploy.inflight import scheduler_from_parameters
 
 
 def _inputs(request):
@@ -30,6 +34,21 @@ def _error(e):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e)))
 
 
+def _reply_through(sender, parsed):
+    """reply(new tokens or an error, final) through a decoupled request's response sender."""
+    final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+    def reply(tokens, last):
+        if isinstance(tokens, Exception):
+            sender.send(_error(tokens), flags=final)
+        elif tokens or not last or not parsed.stream:  # a whole answer always has a response
+            sender.send(_response(tokens, parsed.decoding.eos_token_id), flags=final if last else 0)
+        else:
+            sender.send(flags=final)  # the stream is over; nothing left to say
+
+    return reply
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -40,6 +59,9 @@ class TritonPythonModel:
                                 threads=int(parameters.get("torch_threads") or 0),
                                 onnx_dir=parameters.get("onnx_dir") or None,
                                 tp=int(parameters.get("tensor_parallel_size") or 1))
+        # batching_strategy inflight_fused_batching: a scheduler thread; V1 (or none): static batches in execute()
+        self.scheduler = scheduler_from_parameters(self.engine, parameters, self.decoupled,
+                                                   config.get("max_batch_size") or None)
         # What each process holds, on the metrics endpoint (a Metric must go before its family: see finalize).
         self.weight_family = pb_utils.MetricFamily(
             name="gpt_worker_weight_bytes", description="Bytes of weights held by each tensor-parallel worker",
@@ -51,6 +73,8 @@ class TritonPythonModel:
             self.weight_metrics.append(metric)
 
     def finalize(self):
+        if self.scheduler is not None:
+            self.scheduler.close()
         self.engine.close()
         self.weight_metrics.clear()
 
@@ -61,25 +85,19 @@ class TritonPythonModel:
                 parsed.append(self.engine.parse(_inputs(request)))
             except Exception as e:  # a bad request is answered with its error; the others go on
                 parsed.append(e)
-        end_ids = [r.decoding.eos_token_id if hasattr(r, "decoding") else 0 for r in parsed]
         if self.decoupled:
-            senders = [request.get_response_sender() for request in requests]
-            final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-            def emit(i, tokens, last):
-                if isinstance(tokens, Exception):
-                    senders[i].send(_error(tokens), flags=final)
-                elif tokens or not last or not parsed[i].stream:  # a whole answer always has a response
-                    senders[i].send(_response(tokens, end_ids[i]), flags=final if last else 0)
-                else:
-                    senders[i].send(flags=final)  # the stream is over; nothing left to say
-
-            self.engine.run(parsed, emit)
+            replies = [_reply_through(request.get_response_sender(), p) for request, p in zip(requests, parsed)]
+            if self.scheduler is not None:  # in flight: the scheduler's thread answers; return at once
+                for p, reply in zip(parsed, replies):
+                    self.scheduler.submit(p, reply)
+            else:
+                self.engine.run(parsed, lambda i, tokens, last: replies[i](tokens, last))
             return None
         responses = [None] * len(requests)
 
         def collect(i, tokens, last):
-            responses[i] = _error(tokens) if isinstance(tokens, Exception) else _response(tokens, end_ids[i])
+            responses[i] = _error(tokens) if isinstance(tokens, Exception) else _response(
+                tokens, parsed[i].decoding.eos_token_id)
 
         self.engine.run(parsed, collect)
         return responses
