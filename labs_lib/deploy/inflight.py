@@ -24,9 +24,9 @@ import threading
 from collections.abc import Callable
 
 from labs_lib.deploy.engine import GenerationRequest, GptEngine, whole_characters
-from labs_lib.inference.inflight import InflightBatcher, Sequence, TooLargeForPool
+from labs_lib.inference.inflight import POLICIES, InflightBatcher, Sequence, TooLargeForPool
 
-__all__ = ["BATCHING_STRATEGIES", "InflightScheduler", "scheduler_from_parameters"]
+__all__ = ["BATCHING_STRATEGIES", "InflightScheduler", "check_batching", "scheduler_from_parameters"]
 
 BATCHING_STRATEGIES = ("V1", "inflight_fused_batching")
 
@@ -40,9 +40,8 @@ class InflightScheduler:
     def __init__(self, engine: GptEngine, policy: str = "guaranteed_no_evict",
                  max_tokens_in_paged_kv_cache: int | None = None, tokens_per_block: int = 16,
                  max_num_tokens: int = 256, max_batch_size: int | None = None):
-        if engine.workers is not None or engine.onnx is not None:
-            raise ValueError("inflight_fused_batching runs the torch engine in this process: render with "
-                             "engine='torch' and tp=1, or batching_strategy V1")
+        check_batching("inflight_fused_batching", policy, engine.decoupled,
+                       in_process_torch=engine.workers is None and engine.onnx is None)
         self.engine = engine
         tokens = max_tokens_in_paged_kv_cache or 16 * engine.model.config.block_size
         self.settings = dict(model=engine.model, num_blocks=-(-tokens // tokens_per_block), block_size=tokens_per_block,
@@ -127,17 +126,31 @@ class InflightScheduler:
         self.batcher = InflightBatcher(**self.settings)
 
 
+def check_batching(strategy: str, policy: str, decoupled: bool, in_process_torch: bool = True) -> None:
+    """Refuse, naming the fix, a batching strategy and scheduler policy the gpt model cannot serve: in-flight
+    batching needs the decoupled model (it answers from a thread) and the torch engine in the model's process."""
+    if strategy not in BATCHING_STRATEGIES:
+        raise ValueError(f"batching_strategy={strategy!r}: use one of {BATCHING_STRATEGIES}")
+    if strategy == "V1":
+        return
+    if policy not in POLICIES:
+        raise ValueError(f"batch_scheduler_policy={policy!r}: use one of {POLICIES}")
+    if not decoupled:
+        raise ValueError("inflight_fused_batching answers from a thread, which needs the decoupled gpt model: "
+                         "render with decoupled=True, or batching_strategy V1")
+    if not in_process_torch:
+        raise ValueError("inflight_fused_batching runs the torch engine in the model's process: render with "
+                         "engine='torch' and tp=1, or batching_strategy V1")
+
+
 def scheduler_from_parameters(engine: GptEngine, parameters: dict[str, str], decoupled: bool = True,
                               max_batch_size: int | None = None) -> InflightScheduler | None:
     """The scheduler the ``gpt`` model's repository parameters ask for, or None for ``V1`` (static batching)."""
     strategy = parameters.get("batching_strategy") or "V1"
-    if strategy not in BATCHING_STRATEGIES:
-        raise ValueError(f"batching_strategy={strategy!r}: use one of {BATCHING_STRATEGIES}")
+    policy = parameters.get("batch_scheduler_policy") or "guaranteed_no_evict"
+    check_batching(strategy, policy, decoupled, in_process_torch=engine.workers is None and engine.onnx is None)
     if strategy == "V1":
         return None
-    if not decoupled:
-        raise ValueError("inflight_fused_batching answers from a thread, which needs the decoupled gpt model: "
-                         "render with decoupled=True, or batching_strategy V1")
 
     def number(name: str, default: int | None) -> int | None:
         value = parameters.get(name) or ""
@@ -145,6 +158,5 @@ def scheduler_from_parameters(engine: GptEngine, parameters: dict[str, str], dec
             raise ValueError(f"{name}={value!r}: give a whole number of tokens, or leave it empty for the default")
         return int(value) if value else default
 
-    return InflightScheduler(engine, parameters.get("batch_scheduler_policy") or "guaranteed_no_evict",
-                             number("max_tokens_in_paged_kv_cache", None), number("tokens_per_block", 16),
-                             number("max_num_tokens", 256), max_batch_size)
+    return InflightScheduler(engine, policy, number("max_tokens_in_paged_kv_cache", None),
+                             number("tokens_per_block", 16), number("max_num_tokens", 256), max_batch_size)
