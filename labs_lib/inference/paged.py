@@ -67,7 +67,9 @@ class PoolExhausted(RuntimeError):
 @dataclass
 class PackLayout:
     """Where a packed batch's tokens go: per sequence its start in the pack, new and total token counts and block
-    table; per token the pool block and offset its keys and values are written to, and its position."""
+    table; per token the pool block and offset its keys and values are written to, and its position. The decode
+    sequences (one new token) also as one batch: their tokens' places in the pack, their tables padded to the
+    longest (with block 0) and which of those keys are theirs."""
 
     seqs: list[Hashable]
     starts: list[int]
@@ -77,6 +79,9 @@ class PackLayout:
     slot_blocks: torch.Tensor
     slot_offsets: torch.Tensor
     positions: torch.Tensor
+    decodes: torch.Tensor
+    decode_tables: torch.Tensor
+    decode_keys: torch.Tensor
 
 
 class PagedKVCache:
@@ -165,19 +170,29 @@ class PagedKVCache:
             slots.extend(table[p // self.block_size] for p in range(past, past + len(tokens)))
         device = self.keys[0].device
         positions_t = torch.tensor(positions, device=device)
+        decoding = [i for i, n in enumerate(new) if n == 1]
+        widest = max((len(tables[i]) for i in decoding), default=0)
+        decode_tables = torch.zeros(len(decoding), widest, dtype=torch.long)
+        for row, i in enumerate(decoding):
+            decode_tables[row, :len(tables[i])] = tables[i]
+        decode_keys = torch.arange(widest * self.block_size)[None, :] < torch.tensor([totals[i] for i in decoding],
+                                                                                     dtype=torch.long)[:, None]
         return PackLayout(seqs, starts, new, totals, [t.to(device) for t in tables], torch.tensor(slots, device=device),
-                          positions_t % self.block_size, positions_t)
+                          positions_t % self.block_size, positions_t,
+                          torch.tensor([starts[i] for i in decoding], dtype=torch.long, device=device),
+                          decode_tables.to(device), decode_keys[:, None, None, :].to(device))
 
     def advance(self, layout: PackLayout) -> None:
         """Count the pack's tokens as held (after every layer has written them)."""
         for seq, total in zip(layout.seqs, layout.totals):
             self.lengths[seq] = total
 
-    def gather(self, layer: int, table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One sequence's first ``length`` keys and values of ``layer``, each (1, heads, length, head_dim)."""
+    def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of ``layer`` in the blocks of ``tables`` (rows, blocks), in order: each
+        (rows, heads, blocks x block_size, head_dim)."""
         def contiguous(pool: torch.Tensor) -> torch.Tensor:
-            blocks = pool[table]  # (blocks, heads, block_size, head_dim), in the sequence's order
-            return blocks.transpose(0, 1).reshape(1, pool.size(1), -1, pool.size(3))[:, :, :length]
+            blocks = pool[tables]  # (rows, blocks, heads, block_size, head_dim)
+            return blocks.transpose(1, 2).reshape(tables.size(0), pool.size(1), -1, pool.size(3))
         return contiguous(self.keys[layer]), contiguous(self.values[layer])
 
 
@@ -186,20 +201,26 @@ def _attend_paged(attn: CausalSelfAttention, x: torch.Tensor, cache: PagedKVCach
     """The model's attention over a packed row ``x`` (1, N, C): every token's k, v written to its pool slot, then
     each sequence's queries attend to that sequence's keys and values.
 
-    Attention runs one sequence at a time, the projections over the whole pack at once. A block-diagonal mask over
-    the pack would do it in one call too, but it costs N x (all sequences' keys) scores and gathers, almost all
-    masked out; the per-sequence loop computes only what each sequence attends to (what TensorRT-LLM's attention
-    plugin does with its sequence offsets) and reads as the rule it is. The qkv, output projection and MLP (nearly
-    all the FLOPs) see no difference: they act on each token alone."""
+    The projections run over the whole pack at once (nearly all the FLOPs: they act on each token alone). Attention
+    runs per sequence, not as one block-diagonal mask over the pack, which would cost N x (all sequences' keys)
+    scores, almost all masked out: the decode tokens (one query each) in one batched call over their block tables
+    padded to the longest, the padding masked (what a paged-attention kernel does), and each prefill chunk alone,
+    causal within itself after all of its sequence's past."""
     q, k, v = attn.split_heads(x)  # each (1, heads, N, head_dim)
     cache.keys[layer][layout.slot_blocks, :, layout.slot_offsets] = k[0].transpose(0, 1)  # (N, heads, head_dim)
     cache.values[layer][layout.slot_blocks, :, layout.slot_offsets] = v[0].transpose(0, 1)
-    outputs = []
+    y = torch.empty_like(q)
+    if len(layout.decodes):
+        keys, values = cache.gather(layer, layout.decode_tables)
+        queries = q[0][:, layout.decodes].transpose(0, 1)[:, :, None]  # (decodes, heads, 1, head_dim)
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=layout.decode_keys)
+        y[0][:, layout.decodes] = out[:, :, 0].transpose(0, 1)
     for start, new, total, table in zip(layout.starts, layout.new, layout.totals, layout.tables):
-        keys, values = cache.gather(layer, table, total)
-        mask = attention_mask(None, total - new, new)  # causal within the chunk, all of the sequence's past
-        outputs.append(F.scaled_dot_product_attention(q[:, :, start:start + new], keys, values, attn_mask=mask))
-    y = torch.cat(outputs, dim=2)  # (1, heads, N, head_dim), in pack order
+        if new > 1:
+            keys, values = cache.gather(layer, table[None])
+            mask = attention_mask(None, total - new, new)  # causal within the chunk, all of the sequence's past
+            y[:, :, start:start + new] = F.scaled_dot_product_attention(
+                q[:, :, start:start + new], keys[:, :, :total], values[:, :, :total], attn_mask=mask)
     return attn.proj(y.transpose(1, 2).reshape(1, x.size(1), -1))
 
 
