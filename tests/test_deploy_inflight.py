@@ -5,12 +5,17 @@ batching_strategy inflight_fused_batching."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 
+from labs_lib.deploy import client
 from labs_lib.deploy.engine import GptEngine
 from labs_lib.deploy.inflight import scheduler_from_parameters
+from labs_lib.deploy.repository import MODELS, render_repository
+from labs_lib.deploy.server import TritonServer
+from labs_lib.inference.generate import Decoding, generate_text, load_trained
 
 INFLIGHT = {"batching_strategy": "inflight_fused_batching", "batch_scheduler_policy": "max_utilization",
             "max_tokens_in_paged_kv_cache": "160", "tokens_per_block": "8", "max_num_tokens": "24"}
@@ -99,3 +104,65 @@ def test_parameters_are_checked_naming_the_fix(engine):
         scheduler_from_parameters(engine, dict(INFLIGHT, tokens_per_block="8k"))
     with pytest.raises(ValueError, match="max_utilization"):
         scheduler_from_parameters(engine, dict(INFLIGHT, batch_scheduler_policy="fifo"))
+
+
+# ---------------------------------------------------------------------------------------------------- the server
+
+@pytest.fixture(scope="module")
+def inflight_server(trained_run, tmp_path_factory):
+    repository = render_repository(trained_run, tmp_path_factory.mktemp("deploy_inflight") / "repository",
+                                   batching_strategy="inflight_fused_batching",
+                                   batch_scheduler_policy="max_utilization", max_tokens_in_paged_kv_cache=512,
+                                   tokens_per_block=8, max_num_tokens=64)
+    with TritonServer(repository, list(MODELS)) as s:
+        yield s
+
+
+# (prompt, max_tokens, stream, settings): mixed lengths, streamed and whole, greedy, penalised and sampled
+SERVED = [("def ", 30, False, {}), ("import os\n", 8, True, {}), ("class Point:\n    def ", 20, True, {}),
+          ("for i in ", 25, True, {"repetition_penalty": 1.5}), ("return ", 5, False, {}),
+          ("x = ", 20, False, {"temperature": 0.5, "top_k": 20, "top_p": 0.75, "seed": 3})] * 2  # binary fractions
+
+
+@pytest.mark.slow
+def test_served_in_flight_requests_equal_local_generation(inflight_server, trained_run):
+    model, tokenizer, _ = load_trained(trained_run)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    expected = [generate_text(model, tokenizer, text, Decoding(n, eos_token_id=eos, **{"temperature": 0.0, **extra}))[0]
+                for text, n, _, extra in SERVED]
+    results: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        text, n, stream, extra = SERVED[i]
+        if stream:
+            results[i] = "".join(client.generate_stream(inflight_server.http_url, text, n, **extra))
+        else:
+            results[i] = client.generate(inflight_server.http_url, text, n, **extra)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(SERVED))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [results.get(i) for i in range(len(SERVED))] == expected
+
+
+@pytest.mark.slow
+def test_a_short_request_finishes_while_a_long_one_streams(inflight_server):
+    """In flight, a request joins the running batch at the next step: a 3-token request sent while a 100-token one
+    streams ends long before it (static batching would queue it behind the whole stream)."""
+    events: list[tuple[str, float]] = []
+    started = threading.Event()
+
+    def long_stream() -> None:
+        for _ in client.generate_stream(inflight_server.http_url, "def ", 100):
+            started.set()
+        events.append(("long", time.monotonic()))
+
+    worker = threading.Thread(target=long_stream)
+    worker.start()
+    assert started.wait(timeout=60)
+    client.generate(inflight_server.http_url, "import ", 3)
+    events.append(("short", time.monotonic()))
+    worker.join(timeout=120)
+    assert [name for name, _ in events] == ["short", "long"]

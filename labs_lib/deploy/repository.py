@@ -7,8 +7,9 @@ The layout and names are TensorRT-LLM's inflight_batcher_llm: ``preprocessing`` 
 engine), ``postprocessing`` (ids → text) and ``ensemble`` joining them. The templates' ``${name}`` fields are
 filled as TensorRT-LLM's fill_template does: batch size and queue delay of dynamic batching, the tokenizer
 folder, the checkpoint (the run's newest step at rendering time, so later training does not change what is
-served), whether ``gpt`` is decoupled (it can stream), tp, and the engine: torch, or the run's ONNX export run
-by ONNX Runtime inside the python backend.
+served), whether ``gpt`` is decoupled (it can stream), tp, the engine: torch, or the run's ONNX export run
+by ONNX Runtime inside the python backend, and how gpt batches: static (``V1``) or in flight
+(TensorRT-LLM's ``batching_strategy`` ``inflight_fused_batching``, its scheduler policy and KV-cache sizes).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from labs_lib.core import paths
 from labs_lib.core.checkpoint import load_meta
 from labs_lib.core.config import GPTConfig
+from labs_lib.deploy.inflight import check_batching
 from labs_lib.deploy.words import TOKENIZER_FILE
 from labs_lib.inference.generate import resolve
 from labs_lib.parallel.tensor_parallel import check_tensor_parallel
@@ -47,15 +49,23 @@ def _fill(template: Path, values: dict[str, str]) -> str:
 
 def render_repository(run: str | Path, out: str | Path | None = None, max_batch_size: int = 8,
                       max_queue_delay_microseconds: int = 1000, decoupled: bool = True, tp: int = 1,
-                      torch_threads: int = 0, instance_count: int = 1, engine: str = "torch") -> Path:
+                      torch_threads: int = 0, instance_count: int = 1, engine: str = "torch",
+                      batching_strategy: str = "V1", batch_scheduler_policy: str = "guaranteed_no_evict",
+                      max_tokens_in_paged_kv_cache: int | None = None, tokens_per_block: int = 16,
+                      max_num_tokens: int = 256) -> Path:
     """Write the four models for ``run`` (a run folder or one checkpoints/step_N folder) into ``out``; returns it.
 
     ``engine`` "onnx": the run is exported to ONNX into gpt/1/onnx and ONNX Runtime serves it (greedy only).
+    ``batching_strategy`` "inflight_fused_batching": gpt batches in flight over a paged KV cache
+    (labs_lib.deploy.inflight) with TensorRT-LLM's ``batch_scheduler_policy``, ``max_tokens_in_paged_kv_cache``
+    (the pool; None: 16 contexts), ``tokens_per_block`` and ``max_num_tokens`` (per step); "V1": static batches.
     Only the four model folders of ``out`` are replaced; anything else there stays."""
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: use one of {ENGINES}")
     if max_batch_size < 1 or max_queue_delay_microseconds < 0 or instance_count < 1:
         raise ValueError("max_batch_size and instance_count must be >= 1 and the queue delay >= 0")
+    check_batching(batching_strategy, batch_scheduler_policy, decoupled,
+                   in_process_torch=tp == 1 and engine == "torch")
     checkpoint, run_dir = resolve(run)
     if tp != 1:  # split the model now, not when the server loads it: the fix is in the message
         if engine != "torch":
@@ -73,6 +83,9 @@ def render_repository(run: str | Path, out: str | Path | None = None, max_batch_
               "decoupled_mode": "true" if decoupled else "false", "tp": str(tp), "torch_threads": str(torch_threads),
               "preprocessing_instance_count": str(instance_count), "postprocessing_instance_count": str(instance_count),
               "skip_special_tokens": "false"}
+    values.update(batching_strategy=batching_strategy, batch_scheduler_policy=batch_scheduler_policy,
+                  max_tokens_in_paged_kv_cache=str(max_tokens_in_paged_kv_cache or ""),
+                  tokens_per_block=str(tokens_per_block), max_num_tokens=str(max_num_tokens))
     out = Path(out) if out is not None else default_repository(run)
     out.mkdir(parents=True, exist_ok=True)
     onnx_dir = (out / "gpt" / "1" / "onnx").resolve()
