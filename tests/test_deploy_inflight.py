@@ -12,7 +12,8 @@ import pytest
 
 from labs_lib.deploy import client
 from labs_lib.deploy.engine import GptEngine
-from labs_lib.deploy.inflight import scheduler_from_parameters
+from labs_lib.deploy.inflight import kv_block_metrics, scheduler_from_parameters
+from labs_lib.deploy.metrics import metric
 from labs_lib.deploy.repository import MODELS, render_repository
 from labs_lib.deploy.server import TritonServer
 from labs_lib.inference.generate import Decoding, generate_text, load_trained
@@ -49,6 +50,8 @@ def test_the_scheduler_thread_answers_concurrent_requests_as_static_batching(eng
     requests = [engine.parse(inputs(engine, text, n, stream, **extra)) for text, n, stream, extra in REQUESTS]
     expected = static_answers(engine, requests)
     scheduler = scheduler_from_parameters(engine, INFLIGHT, max_batch_size=8)
+    reported = []
+    scheduler.on_step = lambda cache: reported.append(kv_block_metrics(cache))
     replies: list[list] = [[] for _ in requests]
     done = [threading.Event() for _ in requests]
 
@@ -71,6 +74,7 @@ def test_the_scheduler_thread_answers_concurrent_requests_as_static_batching(eng
     assert max(s.sequences for s in history) >= 3, "requests ran in one batch"
     assert all(s.tokens <= 24 for s in history)
     assert scheduler.batcher.cache.blocks_in_use == 0
+    assert max(r["used"] for r in reported) > 0 and reported[-1] == {"max": 20, "free": 20, "used": 0, "tokens_per": 8}
 
 
 def test_errors_are_answered_and_the_scheduler_goes_on(engine):
@@ -164,5 +168,11 @@ def test_a_short_request_finishes_while_a_long_one_streams(inflight_server):
     assert started.wait(timeout=60)
     client.generate(inflight_server.http_url, "import ", 3)
     events.append(("short", time.monotonic()))
+    used_while_streaming = metric(inflight_server.metrics_url, "nv_trt_llm_kv_cache_block_metrics",
+                                  kv_cache_block_type="used")
     worker.join(timeout=120)
     assert [name for name, _ in events] == ["short", "long"]
+    blocks = {kind: metric(inflight_server.metrics_url, "nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type=kind)
+              for kind in ("max", "free", "used", "tokens_per")}
+    assert blocks == {"max": 64, "free": 64, "used": 0, "tokens_per": 8}, "every block back once all have ended"
+    assert used_while_streaming >= 1, "the long request held blocks while it streamed"

@@ -15,7 +15,8 @@ The repository parameters, as TensorRT-LLM's ``tensorrt_llm`` model names them (
 ``batch_scheduler_policy`` (guaranteed_no_evict | max_utilization), ``max_tokens_in_paged_kv_cache`` (the pool, in
 tokens; default 16 full contexts), ``tokens_per_block`` (default 16) and ``max_num_tokens`` (per step, default 256).
 A streamed request gets its tokens in whole characters, as the static engine sends them; a request that is not
-streamed gets one response when it ends.
+streamed gets one response when it ends. ``on_step(cache)`` is called in the thread after every step: the served
+model sets TensorRT-LLM's ``nv_trt_llm_kv_cache_block_metrics`` gauges from :func:`kv_block_metrics`.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from collections.abc import Callable
 
 from labs_lib.deploy.engine import GenerationRequest, GptEngine, whole_characters
 from labs_lib.inference.inflight import POLICIES, InflightBatcher, Sequence, TooLargeForPool
+from labs_lib.inference.paged import PagedKVCache
 
-__all__ = ["BATCHING_STRATEGIES", "InflightScheduler", "check_batching", "scheduler_from_parameters"]
+__all__ = ["BATCHING_STRATEGIES", "InflightScheduler", "check_batching", "scheduler_from_parameters",
+           "kv_block_metrics"]
 
 BATCHING_STRATEGIES = ("V1", "inflight_fused_batching")
 
@@ -39,7 +42,8 @@ class InflightScheduler:
 
     def __init__(self, engine: GptEngine, policy: str = "guaranteed_no_evict",
                  max_tokens_in_paged_kv_cache: int | None = None, tokens_per_block: int = 16,
-                 max_num_tokens: int = 256, max_batch_size: int | None = None):
+                 max_num_tokens: int = 256, max_batch_size: int | None = None,
+                 on_step: Callable[[PagedKVCache], None] | None = None):
         check_batching("inflight_fused_batching", policy, engine.decoupled,
                        in_process_torch=engine.workers is None and engine.onnx is None)
         self.engine = engine
@@ -47,6 +51,7 @@ class InflightScheduler:
         self.settings = dict(model=engine.model, num_blocks=-(-tokens // tokens_per_block), block_size=tokens_per_block,
                              policy=policy, max_num_tokens=max_num_tokens, max_batch_size=max_batch_size)
         self.batcher = InflightBatcher(**self.settings)
+        self.on_step = on_step
         self._emits: dict[int, Reply] = {}  # the requests in the batcher, by sequence id
         self._arrivals: list[tuple[GenerationRequest, Reply]] = []
         self._wake = threading.Condition()
@@ -86,6 +91,8 @@ class InflightScheduler:
                 self.batcher.step()
             except Exception as e:  # a failing step fails the requests in flight; the model stays up
                 self._fail_all(ValueError(f"generation failed: {type(e).__name__}: {e}"))
+            if self.on_step is not None:
+                self.on_step(self.batcher.cache)
         self._fail_all(RuntimeError("the gpt model was unloaded while this request ran: send it again"))
 
     def _start(self, request: GenerationRequest, emit: Reply) -> None:
@@ -124,6 +131,12 @@ class InflightScheduler:
             emit(error, True)
         self._emits.clear()
         self.batcher = InflightBatcher(**self.settings)
+
+
+def kv_block_metrics(cache: PagedKVCache) -> dict[str, int]:
+    """The pool's blocks as TensorRT-LLM's backend reports them (``kv_cache_block_type`` label: value)."""
+    return {"max": cache.num_blocks, "free": len(cache.free_blocks), "used": cache.blocks_in_use,
+            "tokens_per": cache.block_size}
 
 
 def check_batching(strategy: str, policy: str, decoupled: bool, in_process_torch: bool = True) -> None:

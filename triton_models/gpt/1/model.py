@@ -5,7 +5,8 @@ server). Decoupled (the default rendering): each request gets its responses thro
 one per token group when it streams, and a final flag; otherwise one response per request, in order.
 With the parameter batching_strategy inflight_fused_batching (TensorRT-LLM's), execute() hands each request to
 the in-flight scheduler's thread (labs_lib.deploy.inflight) and returns at once; that thread answers through the
-request's sender as its tokens come, requests joining and leaving the running batch between decode steps.
+request's sender as its tokens come, requests joining and leaving the running batch between decode steps; the
+pool's blocks are on the metrics endpoint as nv_trt_llm_kv_cache_block_metrics (max, free, used, tokens_per).
 """
 
 import json
@@ -14,7 +15,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from labs_lib.deploy.engine import GPT_INPUTS, GptEngine
-from labs_lib.deploy.inflight import scheduler_from_parameters
+from labs_lib.deploy.inflight import kv_block_metrics, scheduler_from_parameters
 
 
 def _inputs(request):
@@ -62,6 +63,15 @@ class TritonPythonModel:
         # batching_strategy inflight_fused_batching: a scheduler thread; V1 (or none): static batches in execute()
         self.scheduler = scheduler_from_parameters(self.engine, parameters, self.decoupled,
                                                    config.get("max_batch_size") or None)
+        if self.scheduler is not None:  # the paged pool's blocks, as TensorRT-LLM's backend reports them
+            self.kv_family = pb_utils.MetricFamily(
+                name="nv_trt_llm_kv_cache_block_metrics", description="KV cache blocks of the in-flight batcher's pool",
+                kind=pb_utils.MetricFamily.GAUGE)
+            self.kv_metrics = {kind: self.kv_family.Metric(labels={"model": args["model_name"],
+                                                                   "kv_cache_block_type": kind})
+                               for kind in kv_block_metrics(self.scheduler.batcher.cache)}
+            self._report_kv(self.scheduler.batcher.cache)
+            self.scheduler.on_step = self._report_kv
         # What each process holds, on the metrics endpoint (a Metric must go before its family: see finalize).
         self.weight_family = pb_utils.MetricFamily(
             name="gpt_worker_weight_bytes", description="Bytes of weights held by each tensor-parallel worker",
@@ -72,9 +82,14 @@ class TritonPythonModel:
             metric.set(nbytes)
             self.weight_metrics.append(metric)
 
+    def _report_kv(self, cache):
+        for kind, value in kv_block_metrics(cache).items():
+            self.kv_metrics[kind].set(value)
+
     def finalize(self):
         if self.scheduler is not None:
             self.scheduler.close()
+            self.kv_metrics.clear()
         self.engine.close()
         self.weight_metrics.clear()
 
