@@ -9,6 +9,7 @@
     check_request(make_inputs, server)                      # exercise 1: a tritonclient request, TensorRT-LLM names
     check_batch_metrics(send_batch, server)                 # exercise 2: a batch sent at once, read in the metrics
     check_batching_config(text, server)                     # exercise 3: a config.pbtxt with dynamic batching, loaded
+    compare_batching(run, **benchmark_settings(profile))    # (labs_lib.deploy.load) seconds per point under ci
 
 Serving is labs_lib.deploy's (server, repository, client, metrics, load); the expected values of the checks are
 computed here, out of the notebook's sight.
