@@ -12,6 +12,7 @@ inflight.py     in-flight batching inside the gpt model (batching_strategy infli
 tensor_parallel.py  tensor-parallel serving: tp worker processes holding the shards, driven by the gpt model's
                 instance in lockstep (gloo on CPU, NCCL on GPU)
 words.py        the tokenizer side without torch (preprocessing / postprocessing), TensorRT-LLM's word lists
+metrics.py      the server's Prometheus metrics as Python values (read_metrics, metric)
 client.py       the generate / generate_stream endpoints, tritonclient HTTP and gRPC (streaming too)
 
 The command line: ``python -m labs_lib.deploy serve --checkpoint RUN`` (see __main__.py).
