@@ -50,6 +50,7 @@ def _fill(template: Path, values: dict[str, str]) -> str:
 def render_repository(run: str | Path, out: str | Path | None = None, max_batch_size: int = 8,
                       max_queue_delay_microseconds: int = 1000, decoupled: bool = True, tp: int = 1,
                       torch_threads: int = 0, instance_count: int = 1, engine: str = "torch",
+                      dynamic_batching: bool = True,
                       batching_strategy: str = "V1", batch_scheduler_policy: str = "guaranteed_no_evict",
                       max_tokens_in_paged_kv_cache: int | None = None, tokens_per_block: int = 16,
                       max_num_tokens: int = 256) -> Path:
@@ -59,6 +60,7 @@ def render_repository(run: str | Path, out: str | Path | None = None, max_batch_
     ``batching_strategy`` "inflight_fused_batching": gpt batches in flight over a paged KV cache
     (labs_lib.deploy.inflight) with TensorRT-LLM's ``batch_scheduler_policy``, ``max_tokens_in_paged_kv_cache``
     (the pool; None: 16 contexts), ``tokens_per_block`` and ``max_num_tokens`` (per step); "V1": static batches.
+    ``dynamic_batching`` False: gpt has no dynamic_batching block, so Triton executes each request alone.
     Only the four model folders of ``out`` are replaced; anything else there stays."""
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r}: use one of {ENGINES}")
@@ -82,7 +84,10 @@ def render_repository(run: str | Path, out: str | Path | None = None, max_batch_
               "tokenizer_dir": str(run_dir.resolve()), "checkpoint_dir": str(checkpoint.resolve()),
               "decoupled_mode": "true" if decoupled else "false", "tp": str(tp), "torch_threads": str(torch_threads),
               "preprocessing_instance_count": str(instance_count), "postprocessing_instance_count": str(instance_count),
-              "skip_special_tokens": "false"}
+              "skip_special_tokens": "false",
+              "dynamic_batching": (f"dynamic_batching {{\n  preferred_batch_size: [ {max_batch_size} ]\n"
+                                   f"  max_queue_delay_microseconds: {max_queue_delay_microseconds}\n}}"
+                                   if dynamic_batching else "# no dynamic_batching: each request executes alone")}
     values.update(batching_strategy=batching_strategy, batch_scheduler_policy=batch_scheduler_policy,
                   max_tokens_in_paged_kv_cache=str(max_tokens_in_paged_kv_cache or ""),
                   tokens_per_block=str(tokens_per_block), max_num_tokens=str(max_num_tokens))

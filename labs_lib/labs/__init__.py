@@ -18,4 +18,7 @@ lab08.py    08 mixture of experts: the routing exercises and their checks, token
 lab09.py    09 inference and model reduction: the lab's GPT, the serving table, the exercise checks (cached
             attention, top-p, int8 per channel), the cache's saving, the HF baseline, every reduction measured
             (labs_lib.inference, labs_lib.estimates.serving)
+lab10.py    10 Triton deployment: the lab's run, config.pbtxt readers, the server started for the notebook, the
+            exercise checks (TensorRT-LLM's request names, a batch in the metrics, a dynamic-batching config loaded)
+            and the batching benchmark's settings (labs_lib.deploy)
 """

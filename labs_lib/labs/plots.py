@@ -383,3 +383,27 @@ def plot_reductions(rows: list[dict], axes=None):
     time_ax.set(xlabel="ms for a 128-token generation (median of 10)", title="latency at batch 1")
     time_ax.invert_yaxis()
     return axes
+
+
+# ---------------------------------------------------------------------------------------------------- serving
+
+def plot_serving_batching(rows: list[dict], axes=None):
+    """Throughput and p95 latency against concurrency (``labs_lib.deploy.load.compare_batching`` rows): one colour
+    per batching setting, one line style per tool."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(11, 4))
+    rate_ax, p95_ax = axes
+    colors = {"dynamic": "tab:blue", "off": "tab:orange"}
+    styles = dict(zip(dict.fromkeys(r["tool"] for r in rows), ("o-", "s--", "^:")))
+    for key in dict.fromkeys((r["batching"], r["tool"]) for r in rows):
+        sel = sorted((r for r in rows if (r["batching"], r["tool"]) == key), key=lambda r: r["concurrency"])
+        label = f"batching {key[0]}, {key[1]}"
+        for ax, column in ((rate_ax, "throughput"), (p95_ax, "p95_ms")):
+            ax.plot([r["concurrency"] for r in sel], [r[column] for r in sel], styles[key[1]],
+                    color=colors.get(key[0]), label=label)
+    rate_ax.set(xlabel="concurrent clients", ylabel="requests / s", title="throughput")
+    p95_ax.set(xlabel="concurrent clients", ylabel="ms", title="p95 latency")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return axes
