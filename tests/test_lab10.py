@@ -21,7 +21,8 @@ SUCCESS, EXECUTIONS = "nv_inference_request_success", "nv_inference_exec_count"
 
 @pytest.fixture(scope="module")
 def server(trained_run, tmp_path_factory):
-    repository = render_repository(trained_run, tmp_path_factory.mktemp("lab10") / "repository", decoupled=False)
+    repository = render_repository(trained_run, tmp_path_factory.mktemp("lab10") / "repository", decoupled=False,
+                                   max_queue_delay_microseconds=20_000)
     with TritonServer(repository, list(MODELS)) as s:
         yield s
 
@@ -176,7 +177,8 @@ backend: "python"
 max_batch_size: 1
 instance_group [ { count: 1, kind: KIND_CPU } ]
 """
-RIGHT = START.replace("max_batch_size: 1", "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 2000 }")
+RIGHT = START.replace("max_batch_size: 1",
+                      "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 20000 }")
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Lab 10, deploying the trained GPT with a real Triton Inference Server: the lab's run, readers, exercise checks.
 
     run = train_base(out)                                   # the lab's GPT through the one launcher (Slurm when up)
-    repo = render_repository(run, out / "repository", decoupled=False)          # (labs_lib.deploy.repository)
+    repo = render_repository(run, out / "repository", decoupled=False,     # (labs_lib.deploy.repository)
+                            max_queue_delay_microseconds=20_000)        # 20 ms: concurrent requests meet
     config = read_config(repo / "gpt")                      # config.pbtxt as Triton's ModelConfig protobuf
     print(format_table(config_rows(repo)))                  # the fields that matter, one row per model
     server = start_server(repo)                             # tritonserver, stopped at exit if the notebook fails
