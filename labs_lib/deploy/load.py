@@ -275,9 +275,11 @@ def _gpt_counts(server: TritonServer) -> tuple[int, int]:
 
 def compare_batching(run: str | Path, concurrencies=(1, 4, 8, 16), out: str | Path | None = None, prompts=PROMPTS,
                      max_tokens: int = 24, duration_s: float = 10.0, max_batch_size: int = 8,
-                     tools=("tritonclient", "perf_analyzer"), protocol: str = "grpc",
+                     max_queue_delay_microseconds: int = 1000, tools=("tritonclient", "perf_analyzer"),
+                     protocol: str = "grpc",
                      measurement_interval_ms: int = 3000, progress: bool = True) -> list[dict]:
-    """The run served with dynamic batching (``max_batch_size``) and without (each request executed alone), one
+    """The run served with dynamic batching (``max_batch_size``, ``max_queue_delay_microseconds``: how long a request
+    may wait for others) and without (each request executed alone), one
     server after the other, measured by each of ``tools`` at each concurrency: rows of tool, batching, concurrency,
     requests, failures, throughput (requests/s), tokens/s (the load generator's), p50 / p95 / p99 ms and the mean
     batch the gpt model ran (its requests / executions in that measurement). Repositories under ``out``
@@ -298,6 +300,7 @@ def compare_batching(run: str | Path, concurrencies=(1, 4, 8, 16), out: str | Pa
     for batching in (True, False):
         label = "dynamic" if batching else "off"
         repository = render_repository(run, out / label, max_batch_size=max_batch_size, decoupled=False,
+                                       max_queue_delay_microseconds=max_queue_delay_microseconds,
                                        dynamic_batching=batching)
         with TritonServer(repository, list(MODELS)) as server:
             for concurrency in concurrencies:
