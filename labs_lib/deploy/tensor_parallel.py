@@ -35,7 +35,7 @@ import torch
 
 from labs_lib.core import checkpoint
 from labs_lib.core.config import GPTConfig
-from labs_lib.inference.generate import Decoding, generate_ids, load_trained, resolve
+from labs_lib.inference.generate import Decoding, ends_with_any, generate_ids, load_trained, resolve
 
 __all__ = ["TensorParallelWorkers", "shard_for_serving", "finished_rule", "worker_main"]
 
@@ -50,7 +50,7 @@ def finished_rule(stop: tuple[tuple[int, ...], ...], on_token: Callable[[list[in
     def finished(new: list[int]) -> bool:
         if on_token is not None:
             on_token(new)
-        return any(len(new) >= len(s) and tuple(new[-len(s):]) == s for s in stop)
+        return ends_with_any(new, stop)
 
     return finished
 

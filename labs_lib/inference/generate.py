@@ -40,8 +40,8 @@ from labs_lib.data.text import EOT, decode, encode, load_tokenizer
 from labs_lib.inference.cache import KVCache, forward_cached
 from labs_lib.models.gpt import GPT
 
-__all__ = ["Decoding", "resolve", "load_trained", "generate_ids", "generate_text", "beam_search", "process_logits",
-           "sample", "main"]
+__all__ = ["Decoding", "ends_with_any", "resolve", "load_trained", "generate_ids", "generate_text", "beam_search",
+           "process_logits", "sample", "main"]
 
 
 @dataclass
@@ -165,6 +165,11 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor, seen_mask: torch.Te
         sorted_drop = probs.cumsum(dim=-1) - probs >= d.top_p  # the mass before a token already reaches top_p
         logits = logits.masked_fill(torch.zeros_like(sorted_drop).scatter(1, order, sorted_drop), float("-inf"))
     return logits
+
+
+def ends_with_any(tokens: list[int], sequences) -> bool:
+    """Whether ``tokens`` end with one of the token ``sequences`` (stop words): the one rule every engine stops by."""
+    return any(len(tokens) >= len(s) and tuple(tokens[-len(s):]) == tuple(s) for s in sequences)
 
 
 def _left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:

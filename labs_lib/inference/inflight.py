@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from labs_lib.inference.generate import Decoding, _check_length, process_logits
+from labs_lib.inference.generate import Decoding, _check_length, ends_with_any, process_logits
 from labs_lib.inference.paged import PagedKVCache, blocks_needed, forward_paged
 from labs_lib.models.gpt import GPT
 
@@ -271,7 +271,7 @@ class InflightBatcher:
         seq.generated.append(token)
         if token == seq.decoding.eos_token_id:
             seq.finish_reason = "end_id"
-        elif any(tuple(seq.generated[-len(s):]) == s for s in seq.stop if len(seq.generated) >= len(s)):
+        elif ends_with_any(seq.generated, seq.stop):
             seq.finish_reason = "stop"
         elif not seq.remaining:
             seq.finish_reason = "length"

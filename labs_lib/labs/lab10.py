@@ -146,8 +146,8 @@ def counter_rows(metrics_url: str, models=MODELS) -> list[dict]:
 
 
 def _counts(metrics_url: str, model: str) -> dict[str, int]:
-    metrics = read_metrics(metrics_url)
-    return {short: int(metric(metrics, COUNTERS[short], model=model)) for short in ("requests", "executions")}
+    row = counter_rows(metrics_url, [model])[0]
+    return {short: row[short] for short in ("requests", "executions")}
 
 
 
