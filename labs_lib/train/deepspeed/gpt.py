@@ -94,9 +94,17 @@ def configs_from_args(args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig,
                          dtype="bf16" if args.bf16 else "fp32", compile=False,
                          activation_checkpointing="full" if args.activation_checkpointing else "none")
     ds = load_ds_config(args.ds_config)
-    # The JSON is the optimizer's truth where it gives a value (for config.json too); "auto": the profile's.
+    # The JSON is the truth where it gives a value (for the loop and config.json too); "auto": the flags' or profile's
     from_json = {"weight_decay": ds.get("optimizer", {}).get("params", {}).get("weight_decay", "auto"),
-                 "grad_clip": ds.get("gradient_clipping", "auto")}
+                 "grad_clip": ds.get("gradient_clipping", "auto"),
+                 "batch_size": ds.get("train_micro_batch_size_per_gpu", "auto"),
+                 "grad_accum": ds.get("gradient_accumulation_steps", "auto"),
+                 "dtype": "bf16" if ds.get("bf16", {}).get("enabled") is True else "auto"}  # --bf16 turns it on too
+    flags = {"batch_size": args.batch_size, "grad_accum": args.grad_accum}
+    for key, value in from_json.items():
+        if value != "auto" and flags.get(key) is not None and flags[key] != value:
+            raise ValueError(f"the DeepSpeed config says {key}={value!r} but the command line says {flags[key]!r}: "
+                             "give it in one place (\"auto\" in the JSON leaves it to the command line)")
     train_cfg = override(train_cfg, **{k: v for k, v in from_json.items() if v != "auto"})
     return model_config_from_args(profile.model, args), train_cfg, ds
 
