@@ -45,6 +45,31 @@ clean:  ## stop the local Slurm cluster, delete build/ (runs, caches, logs)
 	-bash slurm/local/down.sh
 	rm -rf build
 
+# The assessment (docs/grader-guide.md). COURSE: the course folder (default assessment/); SUBMISSIONS: a folder or .zip.
+GRADING := $(JUPYTER_ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m labs_lib.grading $(if $(COURSE),--course $(COURSE))
+.PHONY: assessment assess-validate assess-self grade-release grade-collect grade-autograde grade-feedback grade-export \
+	certificates
+assessment: setup  ## a learner's copy of the assessment: notebooks/assessment/assessment.ipynb (never overwritten)
+	$(GRADING) student-copy
+assess-validate: setup  ## run your assessment's visible tests before handing it in
+	$(GRADING) validate notebooks/assessment/assessment.ipynb
+assess-self: setup  ## self-paced: grade your own assessment (hidden tests), feedback and certificate; NAME="Your Name"
+	@[ -n "$(NAME)" ] || { echo 'give your name: make assess-self NAME="Ada Lovelace"'; exit 2; }
+	$(GRADING) self-check notebooks/assessment/assessment.ipynb --name "$(NAME)"
+grade-release: setup  ## the student version, in <course>/release/
+	$(GRADING) release
+grade-collect: setup  ## copy SUBMISSIONS (a folder or .zip of <student>/assessment.ipynb or <student>.ipynb)
+	@[ -n "$(SUBMISSIONS)" ] || { echo 'say where: make grade-collect SUBMISSIONS=path/to/folder-or.zip'; exit 2; }
+	$(GRADING) collect "$(SUBMISSIONS)"
+grade-autograde: setup  ## autograde every collected submission (runs their jobs through Slurm)
+	$(GRADING) autograde
+grade-feedback: setup  ## HTML feedback per learner, in <course>/feedback/
+	$(GRADING) feedback
+grade-export: setup  ## grades as CSV (GRADES=grades.csv)
+	$(GRADING) export --to $(or $(GRADES),grades.csv)
+certificates: setup  ## HTML + PDF certificates for every learner at or above the pass mark, in <course>/certificates/
+	$(GRADING) certificates
+
 .PHONY: slurm-up slurm-down
 slurm-up:  ## the local 2-node Slurm cluster (installs Slurm as root); then `source build/slurm/env.sh`
 	bash slurm/local/up.sh

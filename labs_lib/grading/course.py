@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
+from nbformat.reader import NotJSONError
 
 from labs_lib.core.paths import PROJECT_ROOT
 
@@ -116,6 +117,16 @@ def _submissions(folder: Path) -> dict[str, Path]:
     return found
 
 
+def _unwrap(folder: Path) -> Path:
+    """The class folder inside an unpacked zip: the zip's one top folder when it holds several submissions."""
+    inner = [p for p in folder.iterdir() if not p.name.startswith("__MACOSX")]
+    if len(inner) == 1 and inner[0].is_dir():
+        held = list(inner[0].glob("*.ipynb")) + [d for d in inner[0].iterdir() if d.is_dir() and any(d.glob("*.ipynb"))]
+        if len(held) > 1 or any(p.is_dir() for p in held):
+            return inner[0]
+    return folder
+
+
 def collect(source: str | Path, root: Path) -> list[str]:
     """Copy every submission in ``source`` (a folder, or a .zip of one) to submitted/<student>/assessment/, the
     notebook named assessment.ipynb; returns the student ids. A folder per learner keeps its other files."""
@@ -127,9 +138,7 @@ def collect(source: str | Path, root: Path) -> list[str]:
         if source.suffix == ".zip":
             with zipfile.ZipFile(source) as z:
                 z.extractall(unpacked)
-            inner = [p for p in Path(unpacked).iterdir() if not p.name.startswith("__MACOSX")]
-            source = inner[0] if len(inner) == 1 and inner[0].is_dir() and not any(inner[0].glob("*.ipynb")) \
-                else Path(unpacked)
+            source = _unwrap(Path(unpacked))
         found = _submissions(source)
         if not found:
             raise ValueError(f"no notebooks in {source}: expected <student>/assessment.ipynb or <student>.ipynb")
@@ -160,9 +169,9 @@ def read_submission(path: Path) -> nbformat.NotebookNode:
     try:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path.name} is not a notebook (invalid JSON at line {e.lineno}): the file was damaged "
-                         "on the way; ask the learner to hand it in again") from None
+    except (json.JSONDecodeError, NotJSONError):
+        raise ValueError(f"{path.name} is not a notebook (invalid JSON): the file was damaged on the way; ask the "
+                         "learner to hand it in again") from None
     except Exception as e:  # noqa: BLE001  (nbformat raises several kinds: each means the same to the grader)
         raise ValueError(f"{path.name} is not a valid notebook ({type(e).__name__}: {str(e)[:200]}): ask the "
                          "learner to hand it in again") from None
@@ -259,6 +268,7 @@ def grade_manually(root: Path, student: str, points: float, grade_id: str = "exp
         if not 0 <= points <= grade.max_score:
             raise ValueError(f"{grade_id} is worth 0 to {grade.max_score:g} points, not {points:g}")
         grade.manual_score = points
+        grade.needs_manual_grade = False
         gb.db.commit()
 
 
@@ -274,3 +284,49 @@ def export_grades(root: Path, csv_path: str | Path) -> Path:
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     nbgrader(root, "export", f"--CsvExportPlugin.to={csv_path}")
     return csv_path
+
+
+def learner_names(root: Path) -> dict[str, str]:
+    """student id -> the name a certificate shows: first and last name from the gradebook (``nbgrader db student
+    import``), else the id."""
+    from nbgrader.api import Gradebook
+
+    with Gradebook(_db_url(root)) as gb:
+        return {s.id: " ".join(n for n in (s.first_name, s.last_name) if n) or s.id for s in gb.students}
+
+
+def certificates(root: Path, out_dir: str | Path) -> dict[str, tuple[Path, Path]]:
+    """A certificate (HTML and PDF) for every learner whose score reaches the pass mark; {student: (html, pdf)}."""
+    from labs_lib.grading.certificate import write_certificate
+
+    names = learner_names(root)
+    return {sid: write_certificate(out_dir, names.get(sid, sid), o.score, o.max_score, PASS_MARK)
+            for sid, o in scores(root).items() if o.passed}
+
+
+def validate(notebook: str | Path, root: Path) -> str:
+    """nbgrader validate: run the notebook top to bottom with its visible tests; returns nbgrader's report."""
+    result = nbgrader(root, "validate", str(Path(notebook).resolve()), check=False)
+    report = (result.stdout + result.stderr).strip()
+    if result.returncode != 0 and "Traceback" in report and "VALIDATION FAILED" not in report.upper():
+        raise GradingError("nbgrader validate could not run the notebook:\n" + _tail(result))
+    return report
+
+
+def self_check(notebook: str | Path, name: str, root: Path, certificate_dir: str | Path) -> Outcome:
+    """Self-paced mode: grade one learner's notebook with the hidden tests in a course of their own, write the
+    feedback and, from the pass mark, the certificate. The explanation (manually graded) counts 0 here."""
+    notebook = Path(notebook)
+    read_submission(notebook)  # a clear error for a damaged file, before anything runs
+    sid = student_id(name)
+    with tempfile.TemporaryDirectory() as inbox:
+        shutil.copy2(notebook, Path(inbox) / f"{sid}.ipynb")
+        collect(inbox, root)
+    outcome = autograde(root).get(sid, Outcome(sid, error="not graded"))
+    if outcome.error is None:
+        feedback(root)
+        if outcome.passed:
+            from labs_lib.grading.certificate import write_certificate
+
+            write_certificate(certificate_dir, name, outcome.score, outcome.max_score, PASS_MARK)
+    return outcome

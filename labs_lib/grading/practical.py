@@ -76,7 +76,8 @@ def _finished(run) -> tuple[dict, list[dict]]:
     config, records = read_json(run / "config.json"), read_metrics(run)
     assert records and records[-1]["step"] == JOB_STEPS, f"{run.name}: the job did not finish its {JOB_STEPS} steps"
     world = JOB_NODES * JOB_RANKS_PER_NODE
-    assert config.get("world_size") == world, f"{run.name}: the job ran on {config.get('world_size')} ranks, not {world}"
+    assert config.get("world_size") == world, \
+        f"{run.name}: the job ran on {config.get('world_size')} ranks, not {world}"
     return config, records
 
 

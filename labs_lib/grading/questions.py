@@ -70,7 +70,8 @@ def _row_parallel_case(fn, tp: int, shape: tuple[int, ...], seed: int) -> None:
 
     outputs = simulate_ranks(rank, world_size=tp)
     for r, y in enumerate(outputs):
-        assert isinstance(y, torch.Tensor), f"row_parallel_forward returned {type(y).__name__} on rank {r}, not a tensor"
+        assert isinstance(y, torch.Tensor), \
+            f"row_parallel_forward returned {type(y).__name__} on rank {r}, not a tensor"
         assert tuple(y.shape) == tuple(want.shape), \
             f"tp={tp}: rank {r}'s output has shape {tuple(y.shape)}, the full layer's is {tuple(want.shape)}"
         if not torch.allclose(y, want, atol=1e-5):
