@@ -36,3 +36,7 @@ def cell_timeout(cell):
 
 
 c.Execute.timeout_func = cell_timeout
+
+# Feedback shows each learner their graded notebook, without the hidden tests' code (nbgrader leaves it in otherwise)
+c.GenerateFeedback.preprocessors = ["nbgrader.preprocessors.GetGrades", "nbgrader.preprocessors.ClearHiddenTests",
+                                    "nbconvert.preprocessors.CSSHTMLHeaderPreprocessor"]

@@ -17,9 +17,12 @@ Layers, lowest first; each imports only from its own layer and the ones below (t
     planner     lab 07: memory / time / fit of any GPT on any cluster, this machine calibrated, auto-tuning
     deploy      lab 10: a run served by a real Triton server (find / start / stop it, the TensorRT-LLM-style model
                 repository rendered from a checkpoint, the gpt model's engine, clients)
+    grading     the assessment (an nbgrader course in assessment/): its questions and checks, the practical part's
+                DeepSpeed jobs graded from their outputs, the grader's workflow, certificates
 
 Entry points beside the layers: ``python -m labs_lib.generate`` and ``python -m labs_lib.export`` (the inference
-layer's command lines), ``python -m labs_lib.train``, ``python -m labs_lib.deploy serve --checkpoint RUN``.
+layer's command lines), ``python -m labs_lib.train``, ``python -m labs_lib.deploy serve --checkpoint RUN``,
+``python -m labs_lib.grading`` (the assessment's commands).
 
 Where a lab's experiment lives: labs_lib/labs/labNN.py (its docstring names the engine code it runs).
 """

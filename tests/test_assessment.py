@@ -174,6 +174,9 @@ def test_manual_points_feedback_grades_csv_and_certificates(graded, tmp_path):
     assert reference.score == 98 and reference.passed and not reference.needs_manual_grade
     feedback = C.feedback(root)
     assert {p.parts[-3] for p in feedback} >= {"reference", "partial", "blank"}
+    for page in feedback:
+        text = page.read_text()
+        assert "Q.check_number" in text and "HIDDEN TESTS" not in text and "hidden=True" not in text, page
     rows = C.export_grades(root, tmp_path / "grades.csv").read_text().splitlines()
     scores = {r.split(",")[3]: float(r.split(",")[9]) for r in rows[1:]}
     assert scores["reference"] == 98 and scores["partial"] == 20 and scores["blank"] == 0
