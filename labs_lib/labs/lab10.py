@@ -28,7 +28,7 @@ from pathlib import Path
 from labs_lib.core.config import Profile, get_profile, override
 from labs_lib.deploy import client as deploy_client
 from labs_lib.deploy.metrics import metric, read_metrics
-from labs_lib.deploy.repository import MODELS
+from labs_lib.deploy.repository import MODELS, parse_config, read_config
 from labs_lib.deploy.server import ServerError, TritonServer, first_error_line
 from labs_lib.labs.checks import check
 
@@ -80,20 +80,6 @@ def train_base(out: str | Path, profile: str | None = None, progress: bool = Tru
 
 
 # ------------------------------------------------------------------------------------------------ readers
-
-def parse_config(text: str):
-    """A config.pbtxt's text as Triton's ``ModelConfig`` protobuf (the server's own schema, from tritonclient)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    return text_format.Parse(text, model_config_pb2.ModelConfig())
-
-
-def read_config(model_dir: str | Path):
-    """The ``ModelConfig`` of a model folder (or of a config.pbtxt file)."""
-    path = Path(model_dir)
-    return parse_config((path / "config.pbtxt" if path.is_dir() else path).read_text())
-
 
 def _batching(config) -> str:
     if not config.HasField("dynamic_batching"):
