@@ -137,3 +137,18 @@ def test_the_lab_renders_the_tensorrt_llm_repository_and_says_what_runs_here(tra
     assert "tensorrt_llm" in rows[3]["serves"]
     if not trtllm.available()[0]:
         assert note.startswith("Not on this machine") and "python-backend gpt engine in its place" in note
+
+
+def test_command_line_prints_the_recipe_and_refuses_to_build_without_tensorrt_llm(trained_run, tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "labs_lib.deploy", "trtllm", "--checkpoint", str(trained_run), "--workdir",
+           str(tmp_path), "--tp", "2", "--pp", "2"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "trtllm-build --checkpoint_dir" in result.stdout and "--tp_size 2 --pp_size 2" in result.stdout
+    assert "--world_size=4" in result.stdout and (tmp_path / "repository" / "tensorrt_llm" / "config.pbtxt").exists()
+    if not trtllm.available()[0]:
+        refused = subprocess.run([*cmd, "--run-build"], capture_output=True, text=True)
+        assert refused.returncode != 0 and refused.stderr.strip().startswith("error: cannot build here:")

@@ -13,7 +13,10 @@ tensor_parallel.py  tensor-parallel serving: tp worker processes holding the sha
                 instance in lockstep (gloo on CPU, NCCL on GPU)
 words.py        the tokenizer side without torch (preprocessing / postprocessing), TensorRT-LLM's word lists
 metrics.py      the server's Prometheus metrics as Python values (read_metrics, metric)
+trtllm.py       TensorRT-LLM's real path for NVIDIA's container: the engine's build commands, the tensorrt_llm
+                repository variant's field check, the launch command, what this machine can do
 client.py       the generate / generate_stream endpoints, tritonclient HTTP and gRPC (streaming too)
 
-The command line: ``python -m labs_lib.deploy serve --checkpoint RUN`` (see __main__.py).
+The command line: ``python -m labs_lib.deploy serve --checkpoint RUN``, ``python -m labs_lib.deploy trtllm ...``
+(see __main__.py).
 """
