@@ -176,3 +176,17 @@ def test_a_short_request_finishes_while_a_long_one_streams(inflight_server):
               for kind in ("max", "free", "used", "tokens_per")}
     assert blocks == {"max": 64, "free": 64, "used": 0, "tokens_per": 8}, "every block back once all have ended"
     assert used_while_streaming >= 1, "the long request held blocks while it streamed"
+
+
+@pytest.mark.slow
+def test_the_mixed_workload_load_streams_and_times_every_request(inflight_server, trained_run):
+    """labs_lib.deploy.mixed's streaming load (the benchmark's): every request answered, its first text before its
+    end, and the answers' tokens counted."""
+    from labs_lib.deploy.mixed import MIXED_WORKLOAD, run_stream_load
+    from labs_lib.deploy.words import load_run_tokenizer
+
+    tokenizer = load_run_tokenizer(trained_run)
+    row = run_stream_load(inflight_server.grpc_url, MIXED_WORKLOAD, concurrency=4, duration_s=2, tokenizer=tokenizer)
+    assert row["requests"] >= 4 and row["failures"] == 0
+    assert 0 < row["TTFT p50 ms"] <= row["p50 ms"] and row["TTFT p99 ms"] <= row["p99 ms"]
+    assert row["tokens/s"] > row["requests/s"] > 0

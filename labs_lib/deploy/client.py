@@ -135,7 +135,8 @@ def http_infer(url: str, prompt: str, max_tokens: int = 64, model: str = MODEL, 
         client.close()
 
 
-def _grpc_inputs(prompt: str, max_tokens: int, settings: dict):
+def grpc_inputs(prompt: str, max_tokens: int, settings: dict) -> list:
+    """tritonclient.grpc InferInputs of one request to the ensemble (settings as ensemble_inputs takes them)."""
     import tritonclient.grpc as grpcclient
 
     inputs = []
@@ -153,7 +154,7 @@ def grpc_infer(url: str, prompt: str, max_tokens: int = 64, model: str = MODEL, 
 
     client = grpcclient.InferenceServerClient(url)
     try:
-        return _text_of(client.infer(model, _grpc_inputs(prompt, max_tokens, settings)))
+        return _text_of(client.infer(model, grpc_inputs(prompt, max_tokens, settings)))
     except InferenceServerException as e:
         if "decoupled" not in str(e.message()):
             raise InferenceError(e.message()) from None
@@ -172,7 +173,7 @@ def grpc_stream(url: str, prompt: str, max_tokens: int = 64, model: str = MODEL,
     client = grpcclient.InferenceServerClient(url)
     try:
         client.start_stream(callback=lambda result, error: arrived.put((result, error)))
-        client.async_stream_infer(model, _grpc_inputs(prompt, max_tokens, settings),
+        client.async_stream_infer(model, grpc_inputs(prompt, max_tokens, settings),
                                   enable_empty_final_response=True)
         pieces = []
         while True:
