@@ -20,9 +20,9 @@ fills them (5 ms: 5.7, 20 ms: 8.0) at the price of latency when alone (20 ms: 57
 
 The mixed workload (labs_lib.deploy.mixed: prompts of a word to a few lines of code asking for 8 to 96 new tokens,
 streamed over gRPC, decoupled repositories) at concurrency 4, 8, 16: requests/s, tokens/s, p50 / p99 latency and
-time to first token for each mode, and KV memory (the in-flight pool's measured peak vs what the contiguous cache reserves per batch).
-The target: in-flight batching beats dynamic batching in tokens/s at every concurrency. Table "mixed" in
-serving.json, plot serving_mixed.png.
+time to first token for each mode, and KV memory (the in-flight pool's measured peak vs what the contiguous cache
+reserves per batch). The target: in-flight batching beats dynamic batching in tokens/s at every concurrency. Table
+"mixed" in serving.json, plot serving_mixed.png.
 """
 
 from __future__ import annotations
