@@ -37,6 +37,8 @@ def cell_timeout(cell):
 
 c.Execute.timeout_func = cell_timeout
 
-# Feedback shows each learner their graded notebook, without the hidden tests' code (nbgrader leaves it in otherwise)
+# Feedback shows each learner their graded notebook without the hidden tests' code (nbgrader leaves it in otherwise),
+# in the test cells and in their tracebacks: a failed test shows its check's message (labs_lib.grading.feedback)
 c.GenerateFeedback.preprocessors = ["nbgrader.preprocessors.GetGrades", "nbgrader.preprocessors.ClearHiddenTests",
+                                    "labs_lib.grading.feedback.ShortErrors",
                                     "nbconvert.preprocessors.CSSHTMLHeaderPreprocessor"]

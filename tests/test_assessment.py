@@ -178,6 +178,9 @@ def test_manual_points_feedback_grades_csv_and_certificates(graded, tmp_path):
     for page in feedback:
         text = html.unescape(re.sub(r"<[^>]+>", "", page.read_text()))  # the code as shown, highlighting removed
         assert "Q.check_number(" in text and "HIDDEN TESTS" not in text and "hidden=True" not in text, page
+    partial = html.unescape(re.sub(r"<[^>]+>", "", (root / "feedback" / "partial" / C.ASSIGNMENT /
+                                                      "assessment.html").read_text()))
+    assert "AssertionError: kv_cache_mb: not within 1% of the expected value" in partial  # the hint, as the check says
     rows = C.export_grades(root, tmp_path / "grades.csv").read_text().splitlines()
     scores = {r.split(",")[3]: float(r.split(",")[9]) for r in rows[1:]}
     assert scores["reference"] == 98 and scores["partial"] == 20 and scores["blank"] == 0

@@ -209,8 +209,11 @@ def test_expert_parallel_training_matches_ddp(tmp_path, ci_data, world, ep):
     weights = [checkpoint.load_model_state(checkpoint.latest_checkpoint(tmp_path / name / "checkpoints"))
                for name in ("ddp", "ep")]
     assert weights[0].keys() == weights[1].keys()
+    # atol 1e-4 (lr is 3e-3): Adam divides by sqrt(v), so an element whose gradient is nearly zero turns a summation-
+    # order difference in the 7th digit into a visible step (one element of 65,536 moved 1.9e-5 on a 2-core Xeon)
     for key in weights[0]:
-        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, key=key: f"{key}: {m}")
     if world == 2:
         run_train(tmp_path / "ep", nproc=world, ep=ep, resume=True, **{**moe, "max_steps": 6})
         assert [r["step"] for r in read_metrics(tmp_path / "ep")] == list(range(1, 7))

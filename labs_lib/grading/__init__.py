@@ -8,6 +8,7 @@ course.py       the grader's workflow: course root, release, collect (folder or 
                 reported, deleted test cells restored), scores, manual grades, feedback, CSV export, certificates,
                 validate, self-paced grading
 certificate.py  certificates of completion as HTML and PDF
+feedback.py     the feedback's failed tests as their checks' messages (no traceback quoting hidden tests)
 
 The command line: ``python -m labs_lib.grading {release,collect,autograde,grade-manual,feedback,export,
 certificates,validate,self-check,student-copy}`` (see __main__.py; the Makefile's grade-* and assess-* targets call
