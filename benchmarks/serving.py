@@ -14,7 +14,8 @@ benchmarks/results/serving.json and serving.png.
 
 Measured on 2 shared cores (2026-12-02): figures move by up to a third from run to run (other work on the machine);
 one run met the target (3.2x / 2.6x), an earlier one did not (1.4x / 1.45x: no batching measured 23 requests/s
-then, 17 in the run kept). At concurrency 8 with a 1 ms queue delay gpt's batches average 4, not 8: the clients
+then, 17 in the run kept). On a quiet 2-core machine (2026-12-06, the run kept): 2.87x / 2.18x.
+At concurrency 8 with a 1 ms queue delay gpt's batches average 4, not 8: the clients
 split into two groups that take turns (one generates while the other is in pre- / postprocessing). A longer delay
 fills them (5 ms: 5.7, 20 ms: 8.0) at the price of latency when alone (20 ms: 57 -> 103 ms at concurrency 1).
 
@@ -22,7 +23,10 @@ The mixed workload (labs_lib.deploy.mixed: prompts of a word to a few lines of c
 streamed over gRPC, decoupled repositories) at concurrency 4, 8, 16: requests/s, tokens/s, p50 / p99 latency and
 time to first token for each mode, and KV memory (the in-flight pool's measured peak vs what the contiguous cache
 reserves per batch). The target: in-flight batching beats dynamic batching in tokens/s at every concurrency. Table
-"mixed" in serving.json, plot serving_mixed.png.
+"mixed" in serving.json, plot serving_mixed.png. Measured (2026-12-06, quiet 2 cores): in flight 1.35x / 2.07x /
+2.43x dynamic batching's tokens/s at concurrency 4 / 8 / 16, time to first token 23 / 28 / 473 ms against 0.5 / 1.1
+/ 3.0 s, at about half the KV bytes; dynamic batching is below no batching here (a static batch streams until its
+longest request ends while the short ones' clients wait for their next turn).
 """
 
 from __future__ import annotations

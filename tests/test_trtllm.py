@@ -103,7 +103,7 @@ def test_available_says_plainly_why_not_here():
 
 # ------------------------------------------------------------------------------------- lab 10, section 11
 def test_exercise_checks_accept_the_rule_and_refuse_the_usual_slips():
-    from labs_lib.labs import lab10
+    from labs_lib.labs import lab10_trtllm as lab10
 
     assert lab10.check_kv_blocks(lambda p, n, b: -(-(p + n - 1) // b))
     with pytest.raises(AssertionError, match="is the last new token ever fed back"):
@@ -119,7 +119,7 @@ def test_exercise_checks_accept_the_rule_and_refuse_the_usual_slips():
 
 
 def test_paged_in_flight_holds_and_computes_less_than_one_static_batch(trained_run):
-    from labs_lib.labs import lab10
+    from labs_lib.labs import lab10_trtllm as lab10
 
     static, paged = lab10.cache_comparison(trained_run)
     assert paged["peak KV bytes"] < static["peak KV bytes"]
@@ -129,7 +129,7 @@ def test_paged_in_flight_holds_and_computes_less_than_one_static_batch(trained_r
 
 
 def test_the_lab_renders_the_tensorrt_llm_repository_and_says_what_runs_here(trained_run, tmp_path):
-    from labs_lib.labs import lab10
+    from labs_lib.labs import lab10_trtllm as lab10
 
     repo, rows, note = lab10.tensorrt_llm_repository(trained_run, tmp_path)
     assert [r["model"] for r in rows] == ["preprocessing", "tensorrt_llm", "postprocessing", "ensemble"]

@@ -16,6 +16,8 @@ metrics.py      the server's Prometheus metrics as Python values (read_metrics, 
 trtllm.py       TensorRT-LLM's real path for NVIDIA's container: the engine's build commands, the tensorrt_llm
                 repository variant's field check, the launch command, what this machine can do
 client.py       the generate / generate_stream endpoints, tritonclient HTTP and gRPC (streaming too)
+mixed.py        a mixed workload streamed through the ensemble: TTFT, latency, tokens/s and KV bytes for no,
+                dynamic and in-flight batching (the serving benchmark's second part)
 
 The command line: ``python -m labs_lib.deploy serve --checkpoint RUN``, ``python -m labs_lib.deploy trtllm ...``
 (see __main__.py).

@@ -21,4 +21,8 @@ lab09.py    09 inference and model reduction: the lab's GPT, the serving table, 
 lab10.py    10 Triton deployment: the lab's run, config.pbtxt readers, the server started for the notebook, the
             exercise checks (TensorRT-LLM's request names, a batch in the metrics, a dynamic-batching config loaded)
             and the batching benchmark's settings (labs_lib.deploy)
+lab10_trtllm.py  10, sections 10-11, TensorRT-LLM's ideas and path: exercise checks (KV blocks, scheduler
+            admission), paged in-flight vs static contiguous measured, the tensorrt_llm repository and, where
+            TensorRT-LLM is installed, its engine built and served (labs_lib.inference.paged / inflight,
+            labs_lib.deploy.trtllm)
 """
