@@ -37,7 +37,7 @@ import numpy as np
 from labs_lib.deploy.client import MODEL, ensemble_inputs
 from labs_lib.deploy.server import TritonServer, find_perf_analyzer
 
-__all__ = ["PROMPTS", "LoadResult", "LoadError", "run_load", "run_perf_analyzer", "compare_batching",
+__all__ = ["PROMPTS", "LoadResult", "LoadError", "run_load", "run_clients", "run_perf_analyzer", "compare_batching",
            "server_memory_bytes"]
 
 PROMPTS = ("def ", "import os\n", "class Point:\n    def ", "for i in range(", "return self.", "# Copyright")
@@ -170,16 +170,22 @@ def run_load(url: str, prompts, concurrency: int, max_tokens: int, duration_s: f
             if close is not None:
                 close()
 
+    run_clients(client, concurrency, barrier)
+    if warm_errors:
+        hint = f" ({_DECOUPLED_HINT})" if any("decoupled" in e for e in warm_errors) else ""
+        raise LoadError(f"the warm-up request to {model} at {url} failed: {warm_errors[0]}{hint}")
+    return _result(f"tritonclient {protocol}", concurrency, [r for rs in done for r in rs], tokenizer)
+
+
+def run_clients(client, concurrency: int, barrier: threading.Barrier) -> None:
+    """``client(i)`` for i < concurrency, each in its own thread; they start measuring together once every one has
+    reached ``barrier`` (after its warm-up, whether it worked or not); returns when all have finished."""
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
     for t in threads:
         t.start()
     barrier.wait()
     for t in threads:
         t.join()
-    if warm_errors:
-        hint = f" ({_DECOUPLED_HINT})" if any("decoupled" in e for e in warm_errors) else ""
-        raise LoadError(f"the warm-up request to {model} at {url} failed: {warm_errors[0]}{hint}")
-    return _result(f"tritonclient {protocol}", concurrency, [r for rs in done for r in rs], tokenizer)
 
 
 def _result(tool: str, concurrency: int, records: list[tuple], tokenizer) -> LoadResult:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from labs_lib.deploy.client import MODEL, grpc_inputs
+from labs_lib.deploy.load import LoadError, run_clients
 
 __all__ = ["MIXED_WORKLOAD", "MODES", "run_stream_load", "compare_mixed"]
 
@@ -85,25 +86,31 @@ def run_stream_load(url: str, workload, concurrency: int, duration_s: float, mod
         raise ValueError("concurrency must be >= 1 and the workload not empty")
     barrier = threading.Barrier(concurrency + 1)
     records: list[list[StreamRecord]] = [[] for _ in range(concurrency)]
+    warm_errors: list[str] = []
 
     def client(i: int) -> None:
-        send, close = _stream_client(url, model, timeout_s)
+        send = close = None
         try:
-            send(*workload[i % len(workload)])
+            send, close = _stream_client(url, model, timeout_s)
+            warm = send(*workload[i % len(workload)])
+            if warm.error is not None:
+                warm_errors.append(warm.error)
+        except Exception as e:  # noqa: BLE001  (reported below, for every client alike)
+            warm_errors.append(str(e) or type(e).__name__)
+        finally:
             barrier.wait()
+        try:
             deadline, k = time.monotonic() + duration_s, 0
-            while time.monotonic() < deadline:
+            while not warm_errors and time.monotonic() < deadline:
                 records[i].append(send(*workload[(i + k * concurrency) % len(workload)]))
                 k += 1
         finally:
-            close()
+            if close is not None:
+                close()
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    for t in threads:
-        t.join()
+    run_clients(client, concurrency, barrier)
+    if warm_errors:
+        raise LoadError(f"the warm-up request to {model} at {url} failed: {warm_errors[0]}")
     return _summary([r for rs in records for r in rs], tokenizer)
 
 
