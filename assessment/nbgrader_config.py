@@ -13,12 +13,14 @@ that folder a course root (the grading commands do that for LABS_COURSE_DIR).
 import os
 from pathlib import Path
 
+from labs_lib.grading.course import gradebook_url
+
 c = get_config()  # noqa: F821  (nbgrader's config loader defines it)
 
 root = Path(__file__).resolve().parent
 c.CourseDirectory.root = str(root)
 c.CourseDirectory.course_id = "model-parallelism"
-c.CourseDirectory.db_url = "sqlite:///" + os.environ.get("LABS_GRADEBOOK", str(root / "gradebook.db"))
+c.CourseDirectory.db_url = gradebook_url(root)
 
 c.ClearSolutions.code_stub = {"python": "# YOUR CODE HERE\nraise NotImplementedError()"}
 c.ClearSolutions.text_stub = "YOUR ANSWER HERE"

@@ -26,11 +26,17 @@ from labs_lib.deploy.words import TOKENIZER_FILE
 from labs_lib.inference.generate import resolve
 from labs_lib.parallel.tensor_parallel import check_tensor_parallel
 
-__all__ = ["TEMPLATES", "MODELS", "ENGINES", "render_repository", "default_repository", "parse_config", "read_config"]
+__all__ = ["TEMPLATES", "MODELS", "ENGINES", "models_for", "render_repository", "default_repository", "parse_config",
+           "read_config"]
 
 TEMPLATES = paths.PROJECT_ROOT / "triton_models"
 MODELS = ("preprocessing", "gpt", "postprocessing", "ensemble")
 ENGINES = ("torch", "onnx", "tensorrt_llm")
+
+
+def models_for(engine: str = "torch") -> tuple[str, ...]:
+    """The model folders of a repository rendered for ``engine``: TensorRT-LLM's engine model replaces gpt."""
+    return MODELS if engine != "tensorrt_llm" else tuple(m if m != "gpt" else "tensorrt_llm" for m in MODELS)
 
 
 def parse_config(text: str):
@@ -143,9 +149,9 @@ def _rendered(engine: str, values: dict[str, str]) -> dict[str, str]:
 
     from labs_lib.deploy import trtllm
 
-    engine_model = trtllm.ENGINE_MODEL if engine == "tensorrt_llm" else "gpt"
-    texts = {model: _fill(TEMPLATES / model / "config.pbtxt", values)
-             for model in ("preprocessing", engine_model, "postprocessing", "ensemble")}
+    models = models_for(engine)
+    engine_model = models[1]
+    texts = {model: _fill(TEMPLATES / model / "config.pbtxt", values) for model in models}
     if engine == "tensorrt_llm":
         config = parse_config(texts[engine_model])
         ensemble = trtllm.point_ensemble_at_engine(parse_config(texts["ensemble"]), {t.name for t in config.input})

@@ -251,9 +251,15 @@ def scores(root: Path) -> dict[str, Outcome]:
     return outcomes
 
 
+def gradebook_url(root: Path) -> str:
+    """The course's SQLite gradebook: $LABS_GRADEBOOK, else gradebook.db in the course root (nbgrader_config.py
+    reads it here too)."""
+    return "sqlite:///" + os.environ.get("LABS_GRADEBOOK", str(Path(root) / "gradebook.db"))
+
+
 def _db_url(root: Path) -> str:
     _with_interpreter_bin()  # the Gradebook runs alembic
-    return "sqlite:///" + os.environ.get("LABS_GRADEBOOK", str(root / "gradebook.db"))
+    return gradebook_url(root)
 
 
 def grade_manually(root: Path, student: str, points: float, grade_id: str = "explain") -> None:

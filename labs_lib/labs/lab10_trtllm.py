@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from labs_lib.deploy.repository import MODELS, render_repository
+from labs_lib.deploy.repository import models_for, render_repository
 from labs_lib.inference.inflight import InflightBatcher, admitted
 from labs_lib.inference.paged import blocks_needed
 from labs_lib.labs.checks import check
@@ -98,7 +98,7 @@ def tensorrt_llm_repository(run: str | Path, out: str | Path) -> tuple[Path, lis
     ok, why = trtllm.available()
     note = ("TensorRT-LLM is here: build the engine with the commands above, then serve this repository"
             if ok else f"Not on this machine: {why}. The labs serve the python-backend gpt engine in its place.")
-    return repo, config_rows(repo, models=("preprocessing", trtllm.ENGINE_MODEL, "postprocessing", "ensemble")), note
+    return repo, config_rows(repo, models=models_for("tensorrt_llm")), note
 
 
 def serve_tensorrt_llm(run: str | Path, out: str | Path, prompt: str, max_tokens: int = 24) -> str:
@@ -116,7 +116,7 @@ def serve_tensorrt_llm(run: str | Path, out: str | Path, prompt: str, max_tokens
     for command in trtllm.build_commands(run, out):
         subprocess.run(command, check=True)
     repo, _, _ = tensorrt_llm_repository(run, out)
-    server = start_server(repo, models=[m if m != "gpt" else trtllm.ENGINE_MODEL for m in MODELS])
+    server = start_server(repo, models=models_for("tensorrt_llm"))
     try:
         return client.generate(server.http_url, prompt, max_tokens)
     finally:
