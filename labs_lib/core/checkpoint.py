@@ -174,6 +174,21 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def resolve_run(path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint folder, run folder) for a run folder or a step folder; a clear error if there is none."""
+    path = Path(path)
+    if (path / "meta.json").exists() and path.parent.name == "checkpoints":
+        return path, path.parent.parent
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a run folder (e.g. build/runs/<name>) or one of its "
+                                "checkpoints/step_N folders")
+    latest = latest_checkpoint(path / "checkpoints")
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint in {path}: train first (python -m labs_lib.train --out {path}) "
+                                "or pass a run folder that has checkpoints/")
+    return latest, path
+
+
 def load_meta(path: Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 

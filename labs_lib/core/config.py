@@ -96,6 +96,7 @@ class TrainConfig:
     seed: int = 1337
     data: str | None = None  # text file or folder; None: the Python standard library's sources
     tokenizer_vocab: int = 512  # BPE vocabulary trained on the corpus
+    init_from: str | None = None  # a run (or step) folder: start from its weights and tokenizer (a fine-tune)
     corpus_max_bytes: int | None = None  # cap the corpus (the ci profile trains on a slice)
     val_fraction: float = 0.05
     ddp_bucket_mb: float = 25.0  # DDP gradient bucket size

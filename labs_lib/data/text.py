@@ -185,11 +185,14 @@ class DataInfo:
                    n_train_tokens=meta["n_train_tokens"], n_val_tokens=meta["n_val_tokens"])
 
 
-def _cache_key(files: list[Path], source, vocab_size: int, max_bytes: int | None, val_fraction: float) -> str:
+def _cache_key(files: list[Path], source, vocab_size: int, max_bytes: int | None, val_fraction: float,
+               tokenizer: Path | None) -> str:
     import tokenizers
 
     h = hashlib.sha256()
     h.update(json.dumps([FORMAT_VERSION, tokenizers.__version__, vocab_size, max_bytes, val_fraction]).encode())
+    if tokenizer is not None:
+        h.update(b"tokenizer\0" + tokenizer.read_bytes())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -198,8 +201,12 @@ def _cache_key(files: list[Path], source, vocab_size: int, max_bytes: int | None
 
 
 def prepare_data(source: str | Path | None = None, vocab_size: int = 512, max_bytes: int | None = None,
-                 val_fraction: float = 0.05, cache_dir: str | Path | None = None, progress: bool = True) -> DataInfo:
+                 val_fraction: float = 0.05, cache_dir: str | Path | None = None, progress: bool = True,
+                 tokenizer: str | Path | None = None) -> DataInfo:
     """Tokenize a corpus once and cache it; later calls (any process, any rank) reuse the cached files.
+
+    ``tokenizer``: a tokenizer.json to encode with (a fine-tune keeps its base's tokenizer) instead of training a
+    ``vocab_size`` one on the corpus.
 
     Several processes may call this at once (every rank of a job does): one prepares under a file lock while
     the others wait, and the result is renamed into place only when complete, so a crash never leaves half a
@@ -213,8 +220,9 @@ def prepare_data(source: str | Path | None = None, vocab_size: int = 512, max_by
     if max_bytes is not None and max_bytes < 1:
         raise ValueError(f"max_bytes must be positive (or None for the whole corpus), got {max_bytes}")
     files = _files_within(corpus_files(source), max_bytes)
+    tokenizer = Path(tokenizer) if tokenizer is not None else None
     root = Path(cache_dir if cache_dir is not None else paths.cache_dir()) / "data"
-    key = _cache_key(files, source, vocab_size, max_bytes, val_fraction)
+    key = _cache_key(files, source, vocab_size, max_bytes, val_fraction, tokenizer)
     final = root / key
     if (final / "meta.json").exists():
         return DataInfo.load(final)
@@ -229,7 +237,7 @@ def prepare_data(source: str | Path | None = None, vocab_size: int = 512, max_by
         tmp = root / f".tmp-{key}-{os.getpid()}"
         tmp.mkdir()
         try:
-            _prepare_into(tmp, files, source, vocab_size, max_bytes, val_fraction, progress)
+            _prepare_into(tmp, files, source, vocab_size, max_bytes, val_fraction, progress, tokenizer)
             os.rename(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -237,16 +245,17 @@ def prepare_data(source: str | Path | None = None, vocab_size: int = 512, max_by
 
 
 def _prepare_into(out: Path, files: list[Path], source, vocab_size: int, max_bytes: int | None,
-                  val_fraction: float, progress: bool) -> None:
+                  val_fraction: float, progress: bool, given_tokenizer: Path | None) -> None:
     t0 = time.perf_counter()
     docs = read_corpus(files, max_bytes)
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
     if n_bytes == 0:
         raise ValueError(f"the corpus {source or 'stdlib'} is empty: pass files that contain text")
     if progress:
-        print(f"preparing data: {len(docs)} files, {n_bytes / 1e6:.1f} MB, training a {vocab_size}-token BPE "
-              f"tokenizer (cached in {out.parent})", flush=True)
-    tokenizer = train_tokenizer(docs, vocab_size)
+        how = f"with {given_tokenizer}" if given_tokenizer else f"training a {vocab_size}-token BPE tokenizer"
+        print(f"preparing data: {len(docs)} files, {n_bytes / 1e6:.1f} MB, {how} (cached in {out.parent})",
+              flush=True)
+    tokenizer = load_tokenizer(given_tokenizer) if given_tokenizer else train_tokenizer(docs, vocab_size)
     t_train = time.perf_counter() - t0
     tokens = encode_documents(tokenizer, docs, progress)
     n_vocab = tokenizer.get_vocab_size()

@@ -32,10 +32,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from labs_lib.core.checkpoint import resolve_run
 from labs_lib.data.text import EOT, decode, load_tokenizer
 from labs_lib.deploy.tensor_parallel import finished_rule
 from labs_lib.deploy.words import from_word_list
-from labs_lib.inference.generate import Decoding, _check_length, generate_ids, load_trained, resolve
+from labs_lib.inference.generate import Decoding, _check_length, generate_ids, load_trained
 from labs_lib.measure.memory import storage_bytes
 
 __all__ = ["GPT_INPUTS", "GenerationRequest", "GptEngine", "Emit", "whole_characters"]
@@ -108,7 +109,7 @@ class GptEngine:
 
             self.workers = TensorParallelWorkers(checkpoint, tp, threads)
             self.model = SimpleNamespace(config=self.workers.config)
-            self.tokenizer = load_tokenizer(resolve(checkpoint)[1] / "tokenizer.json")
+            self.tokenizer = load_tokenizer(resolve_run(checkpoint)[1] / "tokenizer.json")
             self.vocab_size = self.workers.config.vocab_size
         else:
             self.model, self.tokenizer, _ = load_trained(checkpoint)

@@ -292,15 +292,15 @@ def compare_batching(run: str | Path, concurrencies=(1, 4, 8, 16), out: str | Pa
     (build/deploy/<run>/batching)."""
     from tqdm.auto import tqdm
 
+    from labs_lib.core.checkpoint import resolve_run
     from labs_lib.deploy.repository import MODELS, default_repository, render_repository
     from labs_lib.deploy.words import load_run_tokenizer
-    from labs_lib.inference.generate import resolve
 
     unknown = set(tools) - {"tritonclient", "perf_analyzer"}
     if unknown:
         raise ValueError(f"tools {sorted(unknown)}: use 'tritonclient' and / or 'perf_analyzer'")
     out = Path(out) if out is not None else default_repository(run).parent / "batching"
-    tokenizer = load_run_tokenizer(resolve(run)[1])
+    tokenizer = load_run_tokenizer(resolve_run(run)[1])
     rows = []
     bar = tqdm(total=2 * len(concurrencies) * len(tools), desc="serving", unit="measurement", disable=not progress)
     for batching in (True, False):

@@ -160,14 +160,15 @@ def compare_mixed(run: str | Path, concurrencies=(4, 8, 16), out: str | Path | N
     other); a row per mode and concurrency with the load's figures and the KV bytes (see the module docstring)."""
     from tqdm.auto import tqdm
 
+    from labs_lib.core.checkpoint import resolve_run
     from labs_lib.deploy.repository import MODELS, default_repository
     from labs_lib.deploy.server import TritonServer
     from labs_lib.deploy.words import load_run_tokenizer
-    from labs_lib.inference.generate import load_trained, resolve
+    from labs_lib.inference.generate import load_trained
     from labs_lib.inference.paged import contiguous_kv_bytes, kv_bytes_per_token
 
     out = Path(out) if out is not None else default_repository(run).parent / "mixed"
-    tokenizer = load_run_tokenizer(resolve(run)[1])
+    tokenizer = load_run_tokenizer(resolve_run(run)[1])
     model = load_trained(run)[0]
     lengths = [len(tokenizer.encode(p).ids) for p, _ in workload]
     block_bytes = kv_bytes_per_token(model) * tokens_per_block

@@ -19,11 +19,10 @@ import string
 from pathlib import Path
 
 from labs_lib.core import paths
-from labs_lib.core.checkpoint import load_meta
+from labs_lib.core.checkpoint import load_meta, resolve_run
 from labs_lib.core.config import GPTConfig
 from labs_lib.deploy.inflight import check_batching
 from labs_lib.deploy.words import TOKENIZER_FILE
-from labs_lib.inference.generate import resolve
 from labs_lib.parallel.tensor_parallel import check_tensor_parallel
 
 __all__ = ["TEMPLATES", "MODELS", "ENGINES", "models_for", "render_repository", "default_repository", "parse_config",
@@ -55,7 +54,7 @@ def read_config(model_dir: str | Path):
 
 def default_repository(run: str | Path) -> Path:
     """build/deploy/<run name>/repository."""
-    _, run_dir = resolve(run)
+    _, run_dir = resolve_run(run)
     return paths.build_dir() / "deploy" / run_dir.name / "repository"
 
 
@@ -90,7 +89,7 @@ def render_repository(run: str | Path, out: str | Path | None = None, max_batch_
         raise ValueError(f"engine={engine!r}: use one of {ENGINES}")
     if max_batch_size < 1 or max_queue_delay_microseconds < 0 or instance_count < 1:
         raise ValueError("max_batch_size and instance_count must be >= 1 and the queue delay >= 0")
-    checkpoint, run_dir = resolve(run)
+    checkpoint, run_dir = resolve_run(run)
     _check_engine(engine, tp, checkpoint, batching_strategy, batch_scheduler_policy, decoupled, engine_dir)
     if not (run_dir / TOKENIZER_FILE).exists():
         raise FileNotFoundError(f"{run_dir / TOKENIZER_FILE} is missing: the run folder must hold the tokenizer it "

@@ -35,7 +35,7 @@ import torch
 
 from labs_lib.core import checkpoint
 from labs_lib.core.config import GPTConfig
-from labs_lib.inference.generate import Decoding, ends_with_any, generate_ids, load_trained, resolve
+from labs_lib.inference.generate import Decoding, ends_with_any, generate_ids, load_trained
 
 __all__ = ["TensorParallelWorkers", "shard_for_serving", "finished_rule", "worker_main"]
 
@@ -67,7 +67,7 @@ class TensorParallelWorkers:
         from labs_lib.deploy.server import free_ports
         from labs_lib.parallel.tensor_parallel import check_tensor_parallel
 
-        ckpt, _ = resolve(checkpoint_path)
+        ckpt, _ = checkpoint.resolve_run(checkpoint_path)
         self.config = GPTConfig(**checkpoint.load_meta(ckpt)["model"])
         check_tensor_parallel(self.config, tp)  # before any process starts: the fix is in the message
         self.tp = tp

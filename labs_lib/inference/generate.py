@@ -40,7 +40,7 @@ from labs_lib.data.text import EOT, decode, encode, load_tokenizer
 from labs_lib.inference.cache import KVCache, forward_cached
 from labs_lib.models.gpt import GPT
 
-__all__ = ["Decoding", "ends_with_any", "resolve", "load_trained", "generate_ids", "generate_text", "beam_search",
+__all__ = ["Decoding", "ends_with_any", "load_trained", "generate_ids", "generate_text", "beam_search",
            "process_logits", "sample", "main"]
 
 
@@ -98,26 +98,11 @@ class Decoding:
         return self
 
 
-def resolve(path: str | Path) -> tuple[Path, Path]:
-    """(checkpoint folder, run folder) for a run folder or a step folder; a clear error if there is none."""
-    path = Path(path)
-    if (path / "meta.json").exists() and path.parent.name == "checkpoints":
-        return path, path.parent.parent
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: pass a run folder (e.g. build/runs/<name>) or one of its "
-                                "checkpoints/step_N folders")
-    latest = checkpoint.latest_checkpoint(path / "checkpoints")
-    if latest is None:
-        raise FileNotFoundError(f"no checkpoint in {path}: train first (python -m labs_lib.train --out {path}) "
-                                "or pass a run folder that has checkpoints/")
-    return latest, path
-
-
 def load_trained(path: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer, checkpoint meta) of a run folder or step folder.
 
     A missing or unreadable checkpoint is a FileNotFoundError / ValueError saying which file and what to do."""
-    ckpt, run = resolve(path)
+    ckpt, run = checkpoint.resolve_run(path)
     try:
         meta = checkpoint.load_meta(ckpt)
         model = GPT(GPTConfig(**meta["model"]))

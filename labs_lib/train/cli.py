@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from labs_lib.core import checkpoint
 from labs_lib.core.config import (
     CHECKPOINT_MODES,
     ZERO_STAGES,
@@ -90,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ddp-overlap", action=argparse.BooleanOptionalAction,
                        help="--no-ddp-overlap: all-reduce gradients after backward instead of during it")
     train.add_argument("--dtype", choices=("fp32", "bf16", "fp16"))
+    train.add_argument("--init-from", metavar="RUN",
+                       help="fine-tune: start from this run's (or step folder's) weights and tokenizer; the model "
+                            "keeps its shape")
     memory = p.add_argument_group("memory saving (labs_lib.parallel.recompute)")
     memory.add_argument("--activation-checkpointing", choices=CHECKPOINT_MODES,
                         help="recompute in backward: full blocks, or selective (all but the matmuls); default none")
@@ -121,8 +125,31 @@ def configs_from_args(args: argparse.Namespace) -> tuple[GPTConfig, TrainConfig,
     train_cfg = override(profile.train, **{k: values[k] for k in train_names})
     if args.tokenizer_vocab is not None:  # the embedding table follows the tokenizer, padded
         model_cfg = override(model_cfg, vocab_size=padded_vocab(args.tokenizer_vocab))
+    if getattr(args, "init_from", None):
+        model_cfg = base_model_config(args)
     parallel = override(profile.parallel, **{k: values[k] for k in ParallelConfig.__dataclass_fields__})
     return model_cfg, train_cfg, parallel
+
+
+def base_model_config(args: argparse.Namespace) -> GPTConfig:
+    """The model of ``--init-from``'s run, with ``--dropout`` if given; ValueError naming a flag that would change its
+    shape (a fine-tune keeps the base's shape and tokenizer)."""
+    try:
+        ckpt, run = checkpoint.resolve_run(args.init_from)
+    except FileNotFoundError as e:
+        raise ValueError(f"--init-from: {e}") from None
+    if not (run / "tokenizer.json").exists():
+        raise ValueError(f"--init-from {run}: its tokenizer.json is missing (a fine-tune reuses the base's tokenizer)")
+    base = GPTConfig(**checkpoint.load_meta(ckpt)["model"])
+    values = vars(args)
+    changed = [f"--{name.replace('_', '-')} {values[name]} (the base has {getattr(base, name)})"
+               for name in MODEL_FLAGS if name != "dropout" and values.get(name) is not None
+               and values[name] != getattr(base, name)]
+    if args.tokenizer_vocab is not None:
+        changed.append(f"--tokenizer-vocab {args.tokenizer_vocab} (the base's tokenizer is reused)")
+    if changed:
+        raise ValueError(f"--init-from {run} keeps the base model's shape and tokenizer: drop " + ", ".join(changed))
+    return override(base, dropout=values["dropout"])
 
 
 def check_trainer_args(args: argparse.Namespace, world_size: int) -> tuple[GPTConfig, TrainConfig, ParallelConfig]:

@@ -9,6 +9,8 @@
     torchrun --standalone --nproc-per-node=2 -m labs_lib.train --profile ci --out build/runs/z2 \
         --zero-stage 2 --activation-checkpointing selective                      # ZeRO-2 by hand, recompute
     python -m labs_lib.train --profile ci --out build/runs/moe --n-experts 4 --moe-top-k 2   # MoE every 2nd block
+    python -m labs_lib.train --profile ci --out build/runs/tuned --init-from build/runs/demo \
+        --data my_tasks/ --max-steps 100                                         # fine-tune: base weights, tokenizer
     torchrun --standalone --nproc-per-node=2 -m labs_lib.train --profile ci --out build/runs/ep \
         --n-experts 4 --ep 2                                                     # experts spread over 2 ranks
 
@@ -36,7 +38,7 @@ that plays a GPU's memory: past it the rank fails with "out of memory: rank r ne
 
     metrics.jsonl   one JSON object per step: step, loss, lr, grad_norm, tokens_per_s, ... (+ val_loss)
     config.json     the resolved model / train settings and world size
-    tokenizer.json  the BPE tokenizer the run was trained with
+    tokenizer.json  the BPE tokenizer the run was trained with (``--init-from``: its base's)
     checkpoints/    see labs_lib.core.checkpoint (atomic, the newest ``keep_checkpoints`` kept)
 
 The loop is labs_lib.train.loop.run_loop, the step of each layout a strategy of labs_lib.train.steps (data parallel,
@@ -74,8 +76,9 @@ def _prepare_run(out: Path, model_cfg, cfg, parallel, info, progress: bool):
     """The corpus (tokenized once, cached) and the run folder's config.json and tokenizer.json."""
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+    base = checkpoint.resolve_run(cfg.init_from)[1] / "tokenizer.json" if cfg.init_from else None
     data = prepare_data(cfg.data, cfg.tokenizer_vocab, cfg.corpus_max_bytes, cfg.val_fraction,
-                        progress=progress and info.is_main)
+                        progress=progress and info.is_main, tokenizer=base)
     meta = {"model": model_cfg.to_dict(), "train": cfg.to_dict(), "parallel": parallel.to_dict(),
             "world_size": info.world_size, "data_dir": str(data.dir)}
     if info.is_main:
@@ -125,7 +128,10 @@ def _train(info, out: Path, model_cfg: GPTConfig, cfg: TrainConfig, parallel: Pa
     mesh = build_mesh(parallel, info.rank, info.world_size) if parallel.tp * parallel.pp > 1 else None
     dp_rank = mesh.dp_rank if mesh else info.rank
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    strategy = make_strategy(GPT(model_cfg).to(info.device), cfg, parallel, info, mesh, latest, measure_activations)
+    model = GPT(model_cfg)
+    if cfg.init_from and latest is None:  # a fine-tune starts from its base; a resumed one from its own checkpoint
+        model.load_state_dict(checkpoint.load_model_state(checkpoint.resolve_run(cfg.init_from)[0]))
+    strategy = make_strategy(model.to(info.device), cfg, parallel, info, mesh, latest, measure_activations)
     # Every TP and PP rank of one replica reads the same batch: the replica's slice of the global batch.
     batches = TokenBatches(data.train_path, cfg.batch_size, model_cfg.block_size, dp_rank, parallel.dp,
                            seed=cfg.seed)
