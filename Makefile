@@ -70,6 +70,10 @@ grade-export: setup  ## grades as CSV (GRADES=grades.csv)
 certificates: setup  ## HTML + PDF certificates for every learner at or above the pass mark, in <course>/certificates/
 	$(GRADING) certificates
 
+.PHONY: survey-summary
+survey-summary: setup  ## the workshop survey's responses summed up (lab 12 saves them in build/survey/; SURVEY=folder)
+	$(BIN)/python -m labs_lib.labs.lab12 $(SURVEY)
+
 .PHONY: slurm-up slurm-down
 slurm-up:  ## the local 2-node Slurm cluster (installs Slurm as root); then `source build/slurm/env.sh`
 	bash slurm/local/up.sh

@@ -13,21 +13,9 @@ import re
 from datetime import date
 from pathlib import Path
 
-from labs_lib.core.paths import PROJECT_ROOT
+from labs_lib.core.paths import lab_notebooks
 
 COURSE = "Model Parallelism — Building and Deploying Large Neural Networks"
-
-
-def lab_titles(notebooks: Path = PROJECT_ROOT / "notebooks") -> list[str]:
-    """"00 Welcome", "01 Data-parallel training of a GPT", ...: each lab notebook's number and title."""
-    import nbformat
-
-    titles = []
-    for path in sorted(notebooks.glob("[0-9][0-9]_*.ipynb")):
-        first = nbformat.read(path, as_version=4).cells[0].source.splitlines()[0]
-        title = re.sub(r"^#\s*Lab\s*\d+\s*[—-]\s*", "", first).split(":")[0].strip()
-        titles.append(f"{path.name[:2]} {title}")
-    return titles
 
 
 def _file_stem(name: str) -> str:
@@ -82,7 +70,7 @@ def write_certificate(out_dir: str | Path, name: str, score: float, max_score: f
     when = when or date.today()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labs = lab_titles()
+    labs = [f"{number} {title}" for number, title, _ in lab_notebooks()]
     stem = out_dir / _file_stem(name)
     html_path, pdf_path = stem.with_suffix(".html"), stem.with_suffix(".pdf")
     html_path.write_text(certificate_html(name, score, max_score, pass_mark, when, labs))

@@ -12,4 +12,6 @@ export.py     a run to the Hugging Face GPT-2 format (with its tokenizer) or to 
 quantize.py   weight-only int8 (per-channel scales) and int4 (group-wise) by hand, bf16 / fp16, torch's own int8
 prune.py      magnitude and structured (heads, MLP channels) pruning, and the recovery fine-tune
 distill.py    knowledge distillation of the GPT into a smaller student, and the same student from scratch
+prompting.py  prompts built from templates, examples and instructions, and their held-out accuracy measured against
+              any completer (local generation, lab 11's Triton one, a Hugging Face model) over seeds (lab 11)
 """

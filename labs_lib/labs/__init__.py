@@ -25,4 +25,9 @@ lab10_trtllm.py  10, sections 10-11, TensorRT-LLM's ideas and path: exercise che
             admission), paged in-flight vs static contiguous measured, the tensorrt_llm repository and, where
             TensorRT-LLM is installed, its engine built and served (labs_lib.inference.paged / inflight,
             labs_lib.deploy.trtllm)
+lab11.py    11 prompt engineering: the base and its fine-tune (--init-from), the grids of prompting settings, the
+            Triton and Hugging Face completers, plots, the exercise checks (scorer, a prompt over the bar, the best
+            decoding) (labs_lib.data.tasks, labs_lib.inference.prompting)
+lab12.py    12 final review: the learner's runs and measurements read back per lab, the survey saved as JSON and
+            summed up (``python -m labs_lib.labs.lab12``)
 """
