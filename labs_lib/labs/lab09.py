@@ -40,7 +40,7 @@ __all__ = ["MODEL", "STEPS", "NEW_TOKENS", "EVAL_SEQ", "lab_profile", "train_bas
 MODEL = {"ci": dict(n_layer=4, n_head=4, n_embd=192, block_size=320),
          "cpu": dict(n_layer=4, n_head=4, n_embd=192, block_size=384),
          "gpu": {}}
-STEPS = {"ci": 300, "cpu": 600, "gpu": None}  # a teacher the half-size student can learn from
+STEPS = {"ci": 150, "cpu": 600, "gpu": None}  # a teacher the half-size student can learn from
 NEW_TOKENS = 128  # the closed course's latency measure: a 128-token generation, median of 10
 
 
