@@ -298,6 +298,10 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torc
     return w[:, :-1], w[:, 1:]
 
 
+class DataError(ValueError):
+    """The data cannot feed the run as configured (too few tokens for one batch): the message names the fix."""
+
+
 class TokenBatches:
     """Endless, deterministic, resumable (x, y) batches of one rank's share of every global batch."""
 
@@ -313,7 +317,7 @@ class TokenBatches:
         self.batches_per_epoch = self.n_windows // self.global_batch
         if self.batches_per_epoch == 0:
             need = self.global_batch * (seq_len + 1)
-            raise ValueError(f"{tokens_path} holds {len(self.tokens):,} tokens but one global batch of "
+            raise DataError(f"{tokens_path} holds {len(self.tokens):,} tokens but one global batch of "
                              f"{batch_size} x {world_size} ranks x {seq_len + 1} tokens needs {need:,}: lower "
                              "batch_size or seq_len (block_size), or use more data")
         self.batches_drawn = 0

@@ -24,6 +24,7 @@ from labs_lib.core.config import (
     padded_vocab,
     parse_job_args,
 )
+from labs_lib.data.text import corpus_files
 from labs_lib.parallel.mesh import check_layout
 from labs_lib.parallel.pipeline import SCHEDULES
 
@@ -157,6 +158,10 @@ def check_trainer_args(args: argparse.Namespace, world_size: int) -> tuple[GPTCo
     TP x PP layout included); ValueError naming the fix."""
     model_cfg, train_cfg, parallel = configs_from_args(args)
     check_layout(model_cfg, train_cfg, parallel, world_size, device_type())
+    try:
+        corpus_files(train_cfg.data)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--data: {e}") from None
     if args.measure_activations and train_cfg.compile:
         raise ValueError("--measure-activations meters eager autograd's saved tensors: drop --compile to measure")
     return model_cfg, train_cfg, parallel

@@ -57,7 +57,7 @@ from labs_lib.core.config import GPTConfig, ParallelConfig, TrainConfig
 from labs_lib.core.dist import cleanup, exit_process, init_distributed, print0
 from labs_lib.core.memcap import memory_cap
 from labs_lib.core.runs import truncate_metrics, write_json
-from labs_lib.data.text import TokenBatches, eval_batches, prepare_data
+from labs_lib.data.text import DataError, TokenBatches, eval_batches, prepare_data
 from labs_lib.measure.trace import profile_steps
 from labs_lib.models.gpt import GPT
 from labs_lib.parallel.mesh import build_mesh, check_layout
@@ -164,8 +164,11 @@ def main(argv: list[str] | None = None) -> None:
         model_cfg, train_cfg, parallel = check_trainer_args(args, world_size_from_env())
     except ValueError as e:
         raise SystemExit(f"invalid configuration: {e}") from None
-    train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress, parallel=parallel,
-          measure_activations=args.measure_activations)
+    try:
+        train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.no_progress, parallel=parallel,
+              measure_activations=args.measure_activations)
+    except DataError as e:  # known only once the corpus is tokenized: one line, no traceback
+        raise SystemExit(f"the data cannot feed this run: {e}") from None
 
 
 if __name__ == "__main__":
