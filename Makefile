@@ -10,7 +10,7 @@ JUPYTER_ENV := JUPYTER_CONFIG_DIR=$(CURDIR)/build/jupyter/config JUPYTER_DATA_DI
 	JUPYTER_RUNTIME_DIR=$(CURDIR)/build/jupyter/runtime IPYTHONDIR=$(CURDIR)/build/jupyter/ipython
 PYTEST_ARGS ?=
 
-.PHONY: setup lab test lint bench clean
+.PHONY: setup lab run-all test lint bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ lab: setup  ## JupyterLab on 127.0.0.1 with a token, opened at notebooks/ (and a
 	$(JUPYTER_ENV) PATH=$(CURDIR)/$(BIN):$$PATH exec $(BIN)/jupyter lab --no-browser --ip=127.0.0.1 \
 		--port=$${JUPYTER_PORT:-8888} --ServerApp.root_dir=$(CURDIR)/notebooks \
 		--IdentityProvider.token=$$token $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
+
+run-all: setup  ## every lab notebook headless under PROFILE (default ci), in order: build/executed/ + timings.md
+	@$(BIN)/python -m labs_lib.jobs.slurm up || echo "NOTICE: no Slurm cluster; the labs launch their jobs with torchrun"
+	@[ -f build/slurm/env.sh ] && [ -z "$${SLURM_CONF:-}" ] && . build/slurm/env.sh; \
+	$(JUPYTER_ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m labs_lib.labs.run_all --profile $(or $(PROFILE),ci) \
+		$(if $(ONLY),--only $(ONLY))
 
 test: setup  ## the whole suite
 	$(JUPYTER_ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -ra $(PYTEST_ARGS)

@@ -30,4 +30,6 @@ lab11.py    11 prompt engineering: the base and its fine-tune (--init-from), the
             decoding) (labs_lib.data.tasks, labs_lib.inference.prompting)
 lab12.py    12 final review: the learner's runs and measurements read back per lab, the survey saved as JSON and
             summed up (``python -m labs_lib.labs.lab12``)
+run_all.py  every lab notebook executed headless in order under one profile (``make run-all``): executed copies
+            and the timing table
 """
