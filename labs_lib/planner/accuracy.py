@@ -48,7 +48,8 @@ def measured_memory(record: dict) -> dict[str, int]:
 
 
 def run_config(plan: Plan, out: Path, steps: int = 6, progress: bool = False) -> dict:
-    """Measured memory (a metered run) and steady step seconds (an unmetered one) of ``plan``."""
+    """Measured memory (a metered run) and steady step seconds (an unmetered run of ``steps`` steps; ``steps=0``:
+    none, the metered run's last step time stands in, slower by the metering)."""
     from labs_lib.jobs.launch import train_gpt
 
     world = plan.dp * plan.tp * plan.pp
@@ -57,8 +58,9 @@ def run_config(plan: Plan, out: Path, steps: int = 6, progress: bool = False) ->
                   checkpoint_interval=0, warmup_steps=1, n_layer=CALIBRATION_MODEL.n_layer,
                   n_head=CALIBRATION_MODEL.n_head, n_embd=CALIBRATION_MODEL.n_embd, **trainer_settings(plan))
     metered = train_gpt(out / "memory", max_steps=2, measure_activations=True, **common)
-    timed = train_gpt(out / "time", max_steps=steps, **common)
-    return {**measured_memory(metered[-1]), "step_s": steady_median(timed, "step_time_s")}
+    step_s = steady_median(train_gpt(out / "time", max_steps=steps, **common), "step_time_s") if steps \
+        else metered[-1]["step_time_s"]
+    return {**measured_memory(metered[-1]), "step_s": step_s}
 
 
 def compare(plan: Plan, measured: dict, cluster=None) -> dict:
