@@ -19,6 +19,7 @@ import torch
 from labs_lib.core.config import CHECKPOINT_MODES, MODEL_PRESETS, ZERO_STAGES, GPTConfig
 
 GB = 1e9
+MIXED_ADAM = (2, 2, 12)  # bytes per parameter: 16-bit weights, 16-bit gradients, fp32 master + m + v
 
 
 @dataclass(frozen=True)

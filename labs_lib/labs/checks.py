@@ -1,16 +1,24 @@
 """Immediate checks for the notebooks' exercises.
 
 An unanswered exercise (``None`` or ``...``) prints a hint and lets the notebook run on, so a learner can run
-everything first and come back; a wrong answer raises ``AssertionError`` with the hint; a right one says so.
+everything first and come back; a wrong answer raises ``AssertionError`` with the hint; a right one says so. An
+exercise may keep a stronger hint for whoever asks: ``hint("its name")`` prints it. The expected values are
+computed by each lab's module (``labs_lib.labs.labNN``), out of the notebook's sight.
 """
 
 from __future__ import annotations
 
 import math
 
+_MORE: dict[str, str] = {}  # exercise name -> its stronger hint, shown by hint(name)
 
-def check(name: str, answer, expected, rtol: float = 1e-3, hint: str = "") -> bool:
-    """Compare a learner's answer with the expected value (numbers within ``rtol``, anything else by ==)."""
+
+def check(name: str, answer, expected, rtol: float = 1e-3, hint: str = "", more: str = "") -> bool:
+    """Compare a learner's answer with the expected value (numbers within ``rtol``, anything else by ==). ``hint``
+    comes with a wrong or missing answer; ``more``, a stronger one, waits for ``hint(name)``."""
+    if more:
+        _MORE[name] = more
+        hint = f"{hint} (Stuck? hint({name!r}) tells more.)".strip()
     if answer is None or answer is Ellipsis:
         print(f"⏳ {name}: not answered yet. {hint}".rstrip())
         return False
@@ -22,6 +30,15 @@ def check(name: str, answer, expected, rtol: float = 1e-3, hint: str = "") -> bo
         raise AssertionError(f"❌ {name}: got {answer!r}, which is not right. {hint}".rstrip())
     print(f"✅ {name}: correct ({answer!r})")
     return True
+
+
+def hint(name: str) -> None:
+    """Print the stronger hint of the exercise ``name`` (as its check named it)."""
+    if name not in _MORE:
+        known = ", ".join(repr(n) for n in _MORE) or "none yet: run an exercise's check first"
+        print(f"no stronger hint for {name!r}; exercises with one: {known}")
+        return
+    print(f"💡 {name}: {_MORE[name]}")
 
 
 def simulate_ranks(fn, world_size: int = 2, timeout: float = 10.0) -> list:

@@ -5,6 +5,7 @@
     deepspeed_offload_run(runs_dir, profile)    DeepSpeed ZeRO-2 with the optimizer offloaded to the CPU
     accumulation_matches_big_batch(fn)          exercise 3: does the learner's gradient accumulation give the big
                                                 batch's gradients?
+    check_bytes_per_param(b); check_zero3_gb(gb); check_accumulation(fn)   the exercises' checks
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 import torch
 
 from labs_lib.core.config import GPTConfig
+from labs_lib.estimates.memory import GB, MIXED_ADAM, zero_bytes_per_rank
 from labs_lib.jobs.launch import train_deepspeed
+from labs_lib.labs.checks import check
 from labs_lib.models.gpt import GPT
 
 PARTS = ("params", "grads", "optimizer")
@@ -67,3 +70,25 @@ def accumulation_matches_big_batch(fn, cfg: GPTConfig | None = None, batch: int 
         return None
     return all(p.grad is not None and torch.allclose(p.grad, reference[n], rtol=0, atol=atol)
                for n, p in model.named_parameters())
+
+
+# ------------------------------------------------------------------------------------------------ exercise checks
+
+def check_bytes_per_param(answer) -> bool:
+    return check("bytes per parameter, mixed-precision Adam", answer, sum(MIXED_ADAM),
+                 hint="count what each parameter has: its weight and gradient in 16 bits, and what Adam keeps in 32",
+                 more="2 (16-bit weights) + 2 (16-bit gradients) + 4 + 4 + 4 (fp32 master weights, Adam's m and v)")
+
+
+def check_zero3_gb(answer, params: float = 7.5e9, gpus: int = 64) -> bool:
+    expected = sum(zero_bytes_per_rank(params, gpus, 3, MIXED_ADAM).values()) / GB
+    return check(f"{params / 1e9:g}B params, {gpus} GPUs, ZeRO-3 (GB per GPU)", answer, expected,
+                 rtol=0.03, hint="ZeRO-3 splits all of the training state over the GPUs",
+                 more=f"16 bytes x {params:.3g} parameters / {gpus} GPUs, in GB (1e9 bytes)")
+
+
+def check_accumulation(fn) -> bool:
+    """Exercise 3 (:func:`accumulation_matches_big_batch` decides)."""
+    return check("gradient accumulation equals the big batch", accumulation_matches_big_batch(fn), True,
+                 hint="each micro-batch's loss must count 1/m of the whole batch's mean loss",
+                 more="for xm, ym in zip(x.chunk(m), y.chunk(m)): (model(xm, ym)[1] / m).backward()")

@@ -7,6 +7,7 @@
 
 The job (``python -m labs_lib.train.pipeline_job``, one process per stage) runs outside the notebook kernel through
 labs_lib.jobs.launch: a Slurm job of one node when Slurm answers, torchrun on this machine otherwise.
+    check_bubble(answer); check_warmup(answer, results); check_busiest(stage, n, results)   the exercises' checks
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from labs_lib.core.runs import read_json
+from labs_lib.estimates.parallel import bubble_fraction
 from labs_lib.jobs.launch import launch, settings_args
+from labs_lib.labs.checks import check
 
 JOB = "labs_lib.train.pipeline_job"
 
@@ -76,3 +79,29 @@ def layout_rows(results: list[dict]) -> list[dict]:
                          "blocks": f"{layers[0]}..{layers[-1]}" if len(layers) > 1 else str(layers[0]),
                          "other modules": ", ".join(s["modules"]) or "-", "parameters": f"{s['params']:,}"})
     return rows
+
+
+# ------------------------------------------------------------------------------------------------ exercise checks
+
+def check_bubble(answer, pp: int = 8, micro_batches: int = 32) -> bool:
+    return check(f"bubble of p={pp}, m={micro_batches}", answer, bubble_fraction(pp, micro_batches),
+                 hint="the fraction of the step each stage waits: filling and draining the pipeline",
+                 more="(p - 1) / (m + p - 1): idle time over the total time of the step")
+
+
+def check_warmup(answer, results: list[dict]) -> bool:
+    """Exercise 2: the warm-up forwards per stage, as the 1F1B run's own timelines show them."""
+    measured = [order(r).index("B0") - 1 for r in results]  # forwards before the first backward, less 1F1B's one
+    return check(f"1F1B warm-up forwards per stage (p={len(results)})", answer, measured,
+                 hint="a stage starts its first backward once the last stage has its first output",
+                 more="stage r runs p - r - 1 warm-up forwards (never more than m)")
+
+
+def check_busiest(stage, in_flight, results: list[dict]) -> bool:
+    """Exercise 3: the stage that keeps the most micro-batches' activations, and how many, as measured."""
+    peaks = [r["peak_in_flight"] for r in results]
+    ok = check("stage with the most activations under 1F1B", stage, peaks.index(max(peaks)),
+               hint="the stage with the longest warm-up keeps the most micro-batches waiting for their backward",
+               more="stage 0: it runs p - 1 warm-up forwards before its first backward")
+    return check("its micro-batches in flight", in_flight, max(peaks), hint="its warm-up forwards, and one more",
+                 more="min(p - r, m)") and ok
