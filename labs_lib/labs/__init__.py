@@ -1,10 +1,10 @@
 """labs: one module per notebook, what it runs and reads back; the engine code it drives lives in the layers below.
 
-common.py   shared by every lab: the header cell, loss gaps between runs (lab 01 needs nothing more: its
-            jobs are labs_lib.jobs.launch.train_gpt)
+common.py   shared by every lab: the header cell, loss gaps between runs
 checks.py   the exercises' immediate checks
 plots.py    the figures the notebooks draw
 lab00.py    00 welcome: the 2-node all-reduce job (labs_lib.core.dist through labs_lib.jobs.launch)
+lab01.py    01 data-parallel GPT: the exercises' checks (its jobs are labs_lib.jobs.launch.train_gpt)
 lab02.py    02 profiling (labs_lib.measure.trace on the trainer's --trace-steps traces)
 lab03.py    03 memory saving: ZeRO by hand and DeepSpeed held bytes vs labs_lib.estimates, recompute timing,
             the gradient-accumulation check
