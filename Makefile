@@ -33,6 +33,7 @@ lab: setup  ## JupyterLab on 127.0.0.1 with a token, opened at notebooks/ (and a
 		--IdentityProvider.token=$$token $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 run-all: setup  ## every lab notebook headless under PROFILE (default ci), in order: build/executed/ + timings.md
+	@mkdir -p build/jupyter
 	@$(BIN)/python -m labs_lib.jobs.slurm up || echo "NOTICE: no Slurm cluster; the labs launch their jobs with torchrun"
 	@[ -f build/slurm/env.sh ] && [ -z "$${SLURM_CONF:-}" ] && . build/slurm/env.sh; \
 	$(JUPYTER_ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m labs_lib.labs.run_all --profile $(or $(PROFILE),ci) \
