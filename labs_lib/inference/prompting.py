@@ -22,7 +22,7 @@ from pathlib import Path
 from labs_lib.data.tasks import TRAINED_INPUT, TRAINED_INSTRUCTION, TRAINED_OUTPUT, Task, example_pool, held_out_items
 from labs_lib.inference.generate import Decoding, generate_text
 
-__all__ = ["Template", "TEMPLATES", "DECODINGS", "ORDERS", "Prompting", "Completer", "build", "decoding_of",
+__all__ = ["Template", "TEMPLATES", "DECODINGS", "ORDERS", "Prompting", "Completer", "build", "decoding_of", "ask",
            "evaluate", "measure", "summarize", "local_completer", "hf_completer"]
 
 Completer = Callable[[list[str], Decoding], list[str]]
@@ -119,17 +119,27 @@ def build(task: Task, query: str, setting: Prompting, rng: random.Random, pool: 
     return TEMPLATES[setting.template].render(task, query, examples, setting.instruction), task.answer(query)
 
 
-def evaluate(complete: Completer, task: Task, setting: Prompting, items: int = 40, seed: int = 0) -> dict:
-    """Accuracy of ``setting`` on ``items`` held-out literals (drawn with ``seed``): a row with the prompts,
-    completions and what each should have answered."""
+def ask(complete: Completer, task: Task, prompt_of: Callable[[str, list[str], random.Random], str], items: int = 40,
+        seed: int = 0, decoding: str = "greedy") -> dict:
+    """Ask ``task`` about ``items`` held-out literals (drawn with ``seed``), each with the prompt
+    ``prompt_of(query, example pool, rng)`` writes: the accuracy, prompts, answers and completions."""
     rng = random.Random(f"{task.name}-{seed}")
     queries = held_out_items(task, items, seed)
     pool = example_pool(task, seed)
-    prompts, answers = zip(*(build(task, q, setting, rng, pool) for q in queries))
-    completions = complete(list(prompts), decoding_of(setting.decoding, seed))
+    prompts = [prompt_of(q, pool, rng) for q in queries]
+    completions = complete(prompts, decoding_of(decoding, seed))
     correct = [task.score(q, c) for q, c in zip(queries, completions)]
-    return dict(task=task.name, **asdict(setting), seed=seed, accuracy=sum(correct) / len(correct),
-                prompts=list(prompts), answers=list(answers), completions=list(completions))
+    return dict(accuracy=sum(correct) / len(correct), prompts=prompts, answers=[task.answer(q) for q in queries],
+                completions=list(completions))
+
+
+def evaluate(complete: Completer, task: Task, setting: Prompting, items: int = 40, seed: int = 0) -> dict:
+    """Accuracy of ``setting`` on ``items`` held-out literals (drawn with ``seed``): a row with the prompts,
+    completions and what each should have answered."""
+    setting.check()
+    asked = ask(complete, task, lambda q, pool, rng: build(task, q, setting, rng, pool)[0], items, seed,
+                setting.decoding)
+    return dict(task=task.name, **asdict(setting), seed=seed, **asked)
 
 
 def measure(complete: Completer, tasks: list[Task], settings: list[Prompting], seeds=(0, 1, 2), items: int = 40,

@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from labs_lib.core.config import get_profile
-from labs_lib.data.tasks import TASKS, Task, example_pool, held_out_items
+from labs_lib.data.tasks import TASKS, Task
 from labs_lib.inference.generate import Decoding
-from labs_lib.inference.prompting import DECODINGS, ORDERS, TEMPLATES, Completer, Prompting, evaluate, summarize
+from labs_lib.inference.prompting import DECODINGS, ORDERS, TEMPLATES, Completer, Prompting, ask, evaluate, summarize
 from labs_lib.labs.checks import check
 
 __all__ = ["MODEL", "BASE_STEPS", "FINE_TUNE", "SHOTS", "HF_MODEL_ENV", "tasks", "grid", "train_base", "fine_tune",
@@ -224,16 +224,9 @@ def check_prompt(fn, complete: Completer, items: int = 24, seeds=(0, 1)) -> bool
 
 
 def _accuracy_of_prompt(fn, complete: Completer, task: Task, items: int, seed: int) -> float:
-    import random
-
-    from labs_lib.inference.prompting import decoding_of
-
-    rng = random.Random(seed)
-    pool = example_pool(task, seed)
-    queries = held_out_items(task, items, seed)
-    prompts = [fn(q, [(x, task.answer(x)) for x in rng.sample(pool, 4)]) for q in queries]
-    completions = complete(prompts, decoding_of("greedy", seed))
-    return sum(task.score(q, c) for q, c in zip(queries, completions)) / items
+    def prompt_of(query: str, pool: list[str], rng) -> str:
+        return fn(query, [(x, task.answer(x)) for x in rng.sample(pool, 4)])
+    return ask(complete, task, prompt_of, items, seed)["accuracy"]
 
 
 def check_best_decoding(answer: str | None, rows: list[dict]) -> bool:
