@@ -1,4 +1,5 @@
-"""Every lab notebook runs top to bottom under the ci profile, and none is committed with outputs."""
+"""Every lab notebook runs top to bottom under the ci profile without writing to stderr (no warning spam for a
+learner to read past), and none is committed with outputs."""
 
 import json
 from pathlib import Path
@@ -6,6 +7,8 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from labs_lib.labs.run_all import stderr_lines
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
@@ -34,3 +37,6 @@ def test_runs_headless(path, tmp_path, monkeypatch):
     shows = sum("plt.show()" in c.source for c in nb.cells if c.cell_type == "code")
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert images >= shows, f"{path.name}: {shows} cells call plt.show() but only {images} figures were drawn"
+    noisy = [(i, "".join(o["text"])[:300]) for i, c in enumerate(nb.cells) if c.cell_type == "code"
+             for o in c.outputs if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+    assert stderr_lines(nb) == 0, f"{path.name} wrote to stderr (cell, text): {noisy}"

@@ -125,7 +125,8 @@ def _via_torchrun(module, args, out, world_size, env, progress, label, total, ti
 def _via_slurm(module, args, out, nodes, nproc_per_node, env, progress, label, script, total,
                timeout_s) -> list[dict]:
     job = slurm.submit(script, *args, nodes=nodes, job_name=f"{label.split('.')[-1]}_{out.name}", output=out / LOG,
-                       OUT=out, NPROC_PER_NODE=nproc_per_node, TRAIN_MODULE=module, **env)
+                       OUT=out, NPROC_PER_NODE=nproc_per_node, TRAIN_MODULE=module, LABS_ARGS_CHECKED="1",
+                       **env)  # check() above ran the job script's own check on exactly these arguments
     print(f"submitted Slurm job {job.id}: {nodes} node(s) x {nproc_per_node} ranks of {module}; log {out / LOG}")
     bar = tqdm(total=total, desc=f"Slurm job {job.id}", unit="step", disable=not progress)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
