@@ -2,16 +2,23 @@
 
     top_operators(run, rank=0, n=12)    the rank's top operators (trace/ops_rank<r>.json), as table rows
     breakdown_rows(traces)              compute / communication / overlap / idle of every profiled step of every rank
-    check_bottleneck(answer, trace); check_flops_per_token(answer, model)   the exercises' checks
+    step_intervals(trace)               per profiled step: its compute and communication intervals (microseconds)
+    check_bottleneck(answer, trace)     exercise 1: the largest part of rank 0's last profiled step
+    check_exposed_communication(fn, traces)   exercise 2: the learner's exposed communication of a step, against
+                                        step_breakdown on every profiled step of every rank (and a worked example)
+    check_flops_per_token(answer, model)      exercise 3: 6N + 12·L·h·s
 """
 
 from __future__ import annotations
 
+import json
+import math
+import tempfile
 from pathlib import Path
 
 from labs_lib.core.runs import read_json
 from labs_lib.labs.checks import check
-from labs_lib.measure.trace import step_breakdown
+from labs_lib.measure.trace import _clip, step_breakdown, timeline
 
 
 def top_operators(run: str | Path, rank: int = 0, n: int = 12) -> list[dict]:
@@ -25,6 +32,13 @@ def breakdown_rows(traces: dict[int, Path]) -> list[dict]:
     """One row per rank and profiled step (milliseconds) from ``{rank: trace file}``
     (:func:`labs_lib.measure.trace.trace_files`)."""
     return [{"rank": rank, **step} for rank, path in traces.items() for step in step_breakdown(path)]
+
+
+def step_intervals(trace: str | Path) -> list[tuple[list, list]]:
+    """Per profiled step of one rank's trace: (compute, communication), each a sorted list of disjoint (start, end)
+    intervals in microseconds, cut to the step (what :func:`~labs_lib.measure.trace.step_breakdown` measures)."""
+    tl = timeline(trace)
+    return [(_clip(tl["compute"], start, end), _clip(tl["comm"], start, end)) for _, start, end in tl["steps"]]
 
 
 # ------------------------------------------------------------------------------------------------ exercise checks
@@ -41,6 +55,66 @@ def check_bottleneck(answer, trace: str | Path) -> bool:
     return check("bottleneck of rank 0's step", answer, max(shares, key=shares.get),
                  hint='answer "compute", "exposed communication" or "idle": the largest part of the step',
                  more="compare compute_ms, comm_ms - overlap_ms and idle_ms in the table above")
+
+
+# Exercise 2: a worked example (a step of 100 µs: compute 0-40 and 60-100, an all-reduce on gloo's thread 30-70,
+# of which 20 µs run while nothing computes), then every profiled step of the run's own traces.
+EXPOSED = "exposed communication of a step"
+_EXAMPLE_EVENTS = [{"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#1", "ts": 0, "dur": 100, "tid": 1},
+                   {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 40, "tid": 1},
+                   {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 60, "dur": 40, "tid": 1},
+                   {"ph": "X", "cat": "user_annotation", "name": "gloo:all_reduce", "ts": 30, "dur": 40, "tid": 2}]
+_EXPOSED_MORE = ("exposed = 0; for each (cs, ce) in comm: hidden = sum(max(0, min(ce, e) - max(cs, s)) for s, e in "
+                 "compute); exposed += (ce - cs) - hidden. Return exposed / 1e3 (the trace counts microseconds)")
+
+
+def _exposed_cases(traces: dict[int, Path]):
+    """(which step, compute, comm, expected exposed ms), one at a time: the worked example's step, then every rank's
+    profiled steps."""
+    with tempfile.TemporaryDirectory() as tmp:
+        example = Path(tmp) / "example.pt.trace.json"
+        example.write_text(json.dumps({"traceEvents": _EXAMPLE_EVENTS}))
+        for label, path in [("the worked example", example)] + [(f"rank {r}", p) for r, p in sorted(traces.items())]:
+            for (compute, comm), row in zip(step_intervals(path), step_breakdown(path)):
+                yield f"{label}, {row['step']}", compute, comm, row["comm_ms"] - row["overlap_ms"]
+
+
+def _exposed_diagnosis(got: float, want: float, comm: list) -> str:
+    comm_ms = sum(e - s for s, e in comm) / 1e3
+    if math.isclose(got, want * 1e3, rel_tol=1e-6):
+        return "right, but in microseconds (the trace's unit): return milliseconds"
+    if math.isclose(got, comm_ms, rel_tol=1e-6) or math.isclose(got, comm_ms * 1e3, rel_tol=1e-6):
+        return ("that is all of the communication: subtract the part of it that runs while compute runs (the "
+                "overlap is hidden: it costs no step time)")
+    return ("for every communication interval, take away the time that compute intervals cover inside it; what is "
+            "left, summed, is the exposed communication")
+
+
+def check_exposed_communication(fn, traces: dict[int, Path]) -> bool:
+    """Exercise 2: ``fn(compute, comm) -> ms``, the communication time during which nothing computes, for one step's
+    intervals (microseconds). Checked on a worked example, then on every profiled step of ``traces`` ({rank: trace
+    file}) against :func:`~labs_lib.measure.trace.step_breakdown`'s ``comm_ms - overlap_ms``."""
+    hint = "communication time minus the part of it that compute covers, in ms"
+    if fn is None or fn is Ellipsis:
+        return check(EXPOSED, None, None, hint=hint, more=_EXPOSED_MORE)
+    steps = 0
+    for label, compute, comm, want in _exposed_cases(traces):
+        steps += 1
+        got = fn([tuple(i) for i in compute], [tuple(i) for i in comm])
+        if got is None or got is Ellipsis:
+            return check(EXPOSED, None, None, hint=hint, more=_EXPOSED_MORE)
+        if not isinstance(got, (int, float)):
+            return check(EXPOSED, False, True, hint=f"{label}: return a number of milliseconds, got {got!r}",
+                         more=_EXPOSED_MORE)
+        if not math.isclose(got, want, rel_tol=1e-6, abs_tol=1e-6):
+            example = f"compute {compute}, comm {comm} (µs): " if label.startswith("the worked") else ""
+            return check(EXPOSED, False, True, more=_EXPOSED_MORE,
+                         hint=f"{label}: {example}expected {want:.4g} ms, got {got:.4g}; "
+                              f"{_exposed_diagnosis(got, want, comm)}")
+    check(EXPOSED, True, True, hint=hint, more=_EXPOSED_MORE)
+    print(f"   the worked example and all {steps - 1} profiled steps of {len(traces)} ranks agree with "
+          "step_breakdown")
+    return True
 
 
 def check_flops_per_token(answer, model) -> bool:
