@@ -10,7 +10,7 @@ JUPYTER_ENV := JUPYTER_CONFIG_DIR=$(CURDIR)/build/jupyter/config JUPYTER_DATA_DI
 	JUPYTER_RUNTIME_DIR=$(CURDIR)/build/jupyter/runtime IPYTHONDIR=$(CURDIR)/build/jupyter/ipython
 PYTEST_ARGS ?=
 
-.PHONY: setup lab run-all test lint bench clean
+.PHONY: setup lab run-all tensorboard test lint bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,9 @@ run-all: setup  ## every lab notebook headless under PROFILE (default ci), in or
 	@[ -f build/slurm/env.sh ] && [ -z "$${SLURM_CONF:-}" ] && . build/slurm/env.sh; \
 	$(JUPYTER_ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m labs_lib.labs.run_all --profile $(or $(PROFILE),ci) \
 		$(if $(ONLY),--only $(ONLY))
+
+tensorboard: setup  ## TensorBoard on 127.0.0.1:6006 over build/runs: every run's metrics and profiler traces
+	$(BIN)/python -m labs_lib.measure.tensorboard $(or $(LOGDIR),) --port $${TENSORBOARD_PORT:-6006}
 
 test: setup  ## the whole suite
 	$(JUPYTER_ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m pytest -ra $(PYTEST_ARGS)

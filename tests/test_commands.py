@@ -22,6 +22,7 @@ CASES = {  # argv after "python -m" -> words the one line must contain
     "planner: an unknown model": (["labs_lib.planner", "--model", "nosuch"], "unknown model preset 'nosuch'"),
     "grading: no submissions": (["labs_lib.grading", "collect", "/no/zip"], "no submissions at /no/zip"),
     "survey summary: no folder": (["labs_lib.labs.lab12", "/no/dir"], "no survey folder /no/dir"),
+    "tensorboard: no runs folder": (["labs_lib.measure.tensorboard", "/no/runs"], "no folder /no/runs"),
 }
 
 

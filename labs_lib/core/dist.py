@@ -28,6 +28,19 @@ import torch.distributed as dist
 from labs_lib.core.config import parse_job_args
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free on 127.0.0.1 now (held together while chosen, so they differ): rendezvous
+    endpoints and the local servers (Triton, TensorBoard)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0

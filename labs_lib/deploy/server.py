@@ -23,7 +23,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labs_lib.core import paths
+from labs_lib.core.dist import free_ports
 from labs_lib.core.tables import format_table
 
 __all__ = ["ServerInstall", "find_server", "find_perf_analyzer", "TritonServer", "ServerError", "free_ports",
@@ -154,15 +154,6 @@ def find_perf_analyzer() -> tuple[Path, dict[str, str]]:
     env["LD_LIBRARY_PATH"] = os.pathsep.join([str(links), str(libs), env.get("LD_LIBRARY_PATH", "")]).rstrip(
         os.pathsep)
     return binary, env
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports free on 127.0.0.1 now (held together while chosen, so they differ)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 _ERROR_LINE = re.compile(r"^E\d{4} |\berror\b|failed to", re.IGNORECASE)

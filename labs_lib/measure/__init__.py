@@ -8,4 +8,6 @@ throughput.py     steady-state throughput: the one warm-up rule, and in-process 
 flops_report.py   DeepSpeed's flops profiler report, parsed
 compute.py        matmul FLOP/s and a GPT's step time on every rank at once (a job module: all cores busy)
 bandwidth.py      all-reduce time, algbw and busbw against message size (nccl-tests' way): a job module
+tensorboard.py    a run's metrics as TensorBoard event files (every trainer's loop writes them), the server (make
+                  tensorboard: scalars and the profiler plugin's traces), the scalars read back
 """

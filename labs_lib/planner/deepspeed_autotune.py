@@ -113,7 +113,8 @@ def run_deepspeed_autotuner(out_dir: str | Path, nodes: list[str] | None = None,
     passwordless ssh to them); None: this machine as one node of ``procs_per_node`` ranks. ``launcher_args``: more
     ``deepspeed`` launcher flags (e.g. ``("--no_ssh_check", "--master_addr", "127.0.0.1")``). Returns
     :func:`read_results`'s dict plus ``"command"``; raises :class:`AutotunerStopped` when DeepSpeed chose nothing."""
-    from labs_lib.train.deepspeed.setup import configure_environment, free_port
+    from labs_lib.core.dist import free_ports
+    from labs_lib.train.deepspeed.setup import configure_environment
 
     if procs_per_node < 1:
         raise ValueError(f"procs_per_node={procs_per_node}: give at least 1 rank per node")
@@ -122,7 +123,7 @@ def run_deepspeed_autotuner(out_dir: str | Path, nodes: list[str] | None = None,
     ds = autotune_config(ds_config, out)  # a bad config fails before the folder is emptied
     fresh_run_dir(out)
     write_json(out / CONFIG, ds)
-    cmd = deepspeed_command(out, ds, nodes, procs_per_node, profile, free_port(), launcher_args)
+    cmd = deepspeed_command(out, ds, nodes, procs_per_node, profile, free_ports(1)[0], launcher_args)
     (out / "command.txt").write_text(shlex.join(cmd) + "\n")
     configure_environment()  # DS_ACCELERATOR=cpu without a GPU, the op cache of `make setup`, the venv on PATH
     # LOCAL_SIZE: the CPU accelerator's device count (the launcher's slots without a hostfile); LOCAL_WORLD_SIZE:

@@ -12,8 +12,9 @@ is the step (``train_step(step) -> {"loss": ..., ...}``), the way torchtitan spl
 Per step: set the learning rate, run the step, time it (after a CUDA synchronize), then every ``log_every`` steps one
 record ``{step, loss, lr, grad_norm, <unit>_per_s, step_time_s, <unit>, elapsed_s, ...}`` (loss and time averaged
 over the steps it covers, plus whatever the step returned and ``evaluate`` added) appended to metrics.jsonl by the
-main rank, the progress bar moved, a checkpoint saved every ``checkpoint_every`` steps and at the end. The profiler
-and the progress bar are context managers: a step that raises closes both.
+main rank (and, as TensorBoard scalars, to ``out/tensorboard/``: labs_lib.measure.tensorboard), the progress bar
+moved, a checkpoint saved every ``checkpoint_every`` steps and at the end. The profiler, the event files and the
+progress bar are context managers: a step that raises closes them all.
 
 Fault injection for the resume tests: ``LABS_FAULT_KILL_AFTER_STEP=N`` SIGKILLs the process after step N (after its
 checkpoint, if one is due): a real kill, so the tests prove what a crash or ``scancel -s KILL`` leaves.
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 
 from labs_lib.core.dist import print0
 from labs_lib.core.runs import append_metrics
+from labs_lib.measure.tensorboard import ScalarLog
 
 KILL_AFTER_STEP = "LABS_FAULT_KILL_AFTER_STEP"
 
@@ -50,7 +52,7 @@ class Loop:
     log_every: int = 1  # steps per metrics record
     eval_every: int = 0  # 0: evaluate only at the end (when there is an evaluate)
     checkpoint_every: int = 0  # 0: save only at the end (when there is a save)
-    is_main: bool = True  # writes metrics.jsonl and shows the bar
+    is_main: bool = True  # writes metrics.jsonl and the TensorBoard events, and shows the bar
     progress: bool = True
     desc: str = "train"
     device: torch.device | None = None  # a CUDA device is synchronized before each step's time is taken
@@ -76,7 +78,8 @@ def run_loop(train_step: Callable[[int], object], loop: Loop, optimizer=None,
     records, window, t_start = [], [], time.perf_counter()
     bar = tqdm(total=loop.max_steps, initial=loop.start, desc=loop.desc, unit="step", mininterval=1.0,
                disable=not (loop.progress and loop.is_main))
-    with bar, (profiler or contextlib.nullcontext()) as prof:
+    events = ScalarLog(loop.out, loop.start) if loop.is_main else contextlib.nullcontext()
+    with bar, events, (profiler or contextlib.nullcontext()) as prof:
         for step in range(loop.start + 1, loop.max_steps + 1):
             if lr_of is not None:
                 for group in optimizer.param_groups:
@@ -95,6 +98,7 @@ def run_loop(train_step: Callable[[int], object], loop: Loop, optimizer=None,
                     record.update(evaluate(step))
                 if loop.is_main:
                     append_metrics(loop.out, record)
+                    events.add(record)
                 records.append(record)
                 window = []
                 bar.set_postfix(loss=f"{record['loss']:.3f}", rate=f"{record[loop.unit + '_per_s']:.0f}")

@@ -16,11 +16,11 @@ exports the same) so that the setup's builds are the ones the jobs find.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
+from labs_lib.core.dist import free_ports
 from labs_lib.core.paths import build_dir
 
 OPS = ("deepspeed_shm_comm", "cpu_adam")
@@ -47,12 +47,6 @@ def is_cached(op: str) -> bool:
     return any(folder.glob(f"{op}*.so"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start():
     """Join (or make) the process group and hand it to DeepSpeed; returns ``(deepspeed, DistInfo)``.
 
@@ -73,7 +67,7 @@ def start():
     warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
     info = init_distributed()
     if not info.distributed:
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_ports(1)[0]))
         info = init_distributed(backend="nccl" if torch.cuda.is_available() else "gloo")
     for name, value in (("RANK", info.rank), ("WORLD_SIZE", info.world_size), ("LOCAL_RANK", info.local_rank)):
         os.environ.setdefault(name, str(value))  # DeepSpeed's engine reads them (torchrun sets them, plain srun not)
@@ -87,7 +81,7 @@ def _build_shm_comm() -> None:
     import torch.distributed as dist
 
     env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()))
+               MASTER_PORT=str(free_ports(1)[0]))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
