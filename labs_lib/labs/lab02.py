@@ -7,17 +7,24 @@
     check_exposed_communication(fn, traces)   exercise 2: the learner's exposed communication of a step, against
                                         step_breakdown on every profiled step of every rank (and a worked example)
     check_flops_per_token(answer, model)      exercise 3: 6N + 12·L·h·s
+    start_tensorboard(logdir)           a TensorBoard server over the runs (stopped at the latest when the kernel exits)
+    tensorboard_view(server, run)       what that server shows of a run: its Scalars tags, its PyTorch Profiler trace
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import tempfile
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from labs_lib.core.runs import read_json
 from labs_lib.labs.checks import check
+from labs_lib.measure.tensorboard import Server, serve
 from labs_lib.measure.trace import _clip, step_breakdown, timeline
 
 
@@ -39,6 +46,46 @@ def step_intervals(trace: str | Path) -> list[tuple[list, list]]:
     intervals in microseconds, cut to the step (what :func:`~labs_lib.measure.trace.step_breakdown` measures)."""
     tl = timeline(trace)
     return [(_clip(tl["compute"], start, end), _clip(tl["comm"], start, end)) for _, start, end in tl["steps"]]
+
+
+# ------------------------------------------------------------------------------------------------ TensorBoard
+
+def start_tensorboard(logdir: str | Path) -> Server:
+    """:func:`~labs_lib.measure.tensorboard.serve` on a free port; ``server.stop()`` ends it, and the kernel's exit
+    does too (a notebook that fails or restarts leaves no server behind)."""
+    server = serve(logdir)
+    atexit.register(server.stop)
+    return server
+
+
+def _get(server: Server, path: str, **query):
+    url = f"{server.url}/data/plugin/{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def tensorboard_view(server: Server, run: str | Path, timeout_s: float = 30.0) -> list[dict]:
+    """What ``server`` (over a folder that holds ``run``) shows of the run, asked over its HTTP API, one row per tab:
+    the Scalars tab's tags of ``<run>/tensorboard`` and the PyTorch Profiler tab's workers (one per rank's trace) and
+    views of ``<run>/trace``. TensorBoard finds runs lazily: polls until both are there, up to ``timeout_s``."""
+    name = Path(run).resolve().relative_to(server.logdir).as_posix()
+    scalars, trace = f"{name}/tensorboard", f"{name}/trace"
+    tags, workers = [], []
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tags = tags or sorted(_get(server, "scalars/tags").get(scalars, {}))
+        if not workers and trace in _get(server, "pytorch_profiler/runs")["runs"]:
+            workers = _get(server, "pytorch_profiler/workers", run=trace, view="Overview")
+        if (tags and workers) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if not (tags and workers):
+        raise TimeoutError(f"TensorBoard at {server.url} showed no {'scalars' if not tags else 'trace'} of {name} "
+                           f"within {timeout_s:.0f} s; see {server.log}")
+    views = _get(server, "pytorch_profiler/views", run=trace)
+    return [{"tab": "Scalars", "run": scalars, "shows": ", ".join(tags)},
+            {"tab": "PyTorch Profiler", "run": trace, "shows": f"workers {', '.join(workers)}; views "
+                                                               f"{', '.join(views)}"}]
 
 
 # ------------------------------------------------------------------------------------------------ exercise checks
