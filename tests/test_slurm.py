@@ -100,6 +100,8 @@ def test_ranks_on_simulated_nodes_share_the_hosts_cores(cluster, tmp_path):
     assert {r["node"] for r in ranks} == {"node1", "node2"}
     assert all(r["threads"] >= 1 for r in ranks)
     assert sum(r["threads"] for r in ranks) <= max(len(os.sched_getaffinity(0)), len(ranks)), ranks
+    # ... and each saw its group's wire: gloo's TCP connection to the other rank, not the rendezvous store's
+    assert [(r["transport"], r["connections"]) for r in ranks] == [("TCP", 1), ("TCP", 1)], ranks
 
 
 def test_failing_job_raises_with_log_tail_and_first_error(cluster, tmp_path):

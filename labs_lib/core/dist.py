@@ -204,10 +204,29 @@ def check_args(argv: list[str], world_size: int) -> None:
         raise ValueError(f"the all-reduce needs at least one rank, got {world_size}")
 
 
+def gloo_transport() -> dict:
+    """What gloo's process group talks over, seen from this process's open sockets (call it after a collective):
+    the transport (TCP: torch's gloo on Linux), the local interface and address, and the peers' addresses. The
+    rendezvous store's connections (MASTER_PORT) are not the group's."""
+    import psutil
+
+    store = int(os.environ.get("MASTER_PORT", 0))
+    pairs = [c for c in psutil.Process().net_connections(kind="tcp") if c.status == psutil.CONN_ESTABLISHED
+             and c.raddr and store not in (c.laddr.port, c.raddr.port)]
+    local = sorted({c.laddr.ip.removeprefix("::ffff:") for c in pairs})
+    names = {a.address: name for name, addrs in psutil.net_if_addrs().items() for a in addrs}
+    return {"transport": os.environ.get("GLOO_DEVICE_TRANSPORT", "TCP").upper(),
+            "interface": ",".join(sorted({names.get(ip, "?") for ip in local})) or "-",
+            "address": ",".join(local) or "-", "connections": len(pairs),
+            "peers": ",".join(sorted({c.raddr.ip.removeprefix("::ffff:") for c in pairs})) or "-"}
+
+
 def main(argv: list[str] | None = None) -> None:
     import socket
 
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("NCCL_DEBUG", "INFO")  # NCCL names the transport of every channel in the job's log
+    os.environ.setdefault("NCCL_DEBUG_SUBSYS", "INIT,NET")
     info = init_distributed(args.backend)
     t = torch.tensor([float(info.rank + 1)], device=info.device)
     if info.distributed:
@@ -215,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     expected = info.world_size * (info.world_size + 1) / 2
     me = {"rank": info.rank, "host": socket.gethostname(), "node": os.environ.get("SLURMD_NODENAME", "-"),
           "backend": info.backend, "device": str(info.device), "threads": torch.get_num_threads(), "sum": t.item()}
+    if info.distributed and info.backend == "gloo":
+        me.update(gloo_transport())
     print_all(f"host={me['host']} node={me['node']} backend={info.backend} device={info.device} "
               f"all_reduce(sum of rank+1)={t.item():g} expected={expected:g}")
     ranks = [None] * info.world_size
