@@ -88,7 +88,8 @@ def ensure_local_cluster(timeout: float = 600, quiet: bool = False) -> str:
     if not ours and available():
         return "site"
     if not quiet:
-        print("starting the local Slurm cluster (slurm/local/up.sh; the first time it installs Slurm, ~10 s)")
+        print("the local Slurm cluster: slurm/local/up.sh starts what is not running (the first time it installs "
+              "Slurm, ~10 s)")
     result = _run("bash", str(UP_SCRIPT), timeout=timeout)
     if result.returncode == NOT_INSTALLABLE:
         raise SlurmUnavailable(result.stderr.strip())

@@ -3,9 +3,10 @@
 common.py   shared by every lab: the header cell, loss gaps between runs
 checks.py   the exercises' immediate checks
 plots.py    the figures the notebooks draw
-lab00.py    00 welcome: the 2-node all-reduce job (labs_lib.core.dist through labs_lib.jobs.launch)
+lab00.py    00 welcome: the 2-node all-reduce job (labs_lib.core.dist through labs_lib.jobs.launch), its transport,
+            the topology, the links' bandwidth, the job-script exercise run on the cluster
 lab01.py    01 data-parallel GPT: the exercises' checks (its jobs are labs_lib.jobs.launch.train_gpt)
-lab02.py    02 profiling (labs_lib.measure.trace on the trainer's --trace-steps traces)
+lab02.py    02 profiling (labs_lib.measure.trace on the trainer's --trace-steps traces), the run in TensorBoard
 lab03.py    03 memory saving: ZeRO by hand and DeepSpeed held bytes vs labs_lib.estimates, recompute timing,
             the gradient-accumulation check
 lab04.py    04 tensor parallelism: runs' logs, layouts and parameters held (labs_lib.parallel.tensor_parallel)
