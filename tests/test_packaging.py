@@ -15,5 +15,8 @@ def test_environment_yml_matches_constraints():
     conda = pins((ROOT / "environment.yml").read_text())
     assert conda, "environment.yml pins nothing"
     assert {name: version for name, version in conda.items() if locked.get(name) != version} == {}
-    for requirement in (ROOT / "requirements.txt").read_text().split():
-        assert re.split(r"[\[=]", requirement)[0].lower() in conda, f"{requirement} missing from environment.yml"
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        requirement = line.split("#")[0].strip()
+        if requirement:
+            name = re.match(r"[A-Za-z0-9_.\-]+", requirement)[0].lower()
+            assert name in conda, f"{requirement} missing from environment.yml"

@@ -120,6 +120,8 @@ class InflightScheduler:
                 sent = len(seq.generated)
             if seq.finished:
                 del self._emits[seq.id]
+                if self.on_step is not None:  # the gauges show its blocks back before its answer leaves
+                    self.on_step(self.batcher.cache)
                 rest = [t for t in seq.generated[sent:] if t != eos]  # the prompt never streams
                 emit(rest if request.stream else request.output(seq.generated), True)
 
