@@ -60,31 +60,6 @@ def ddp_step_unsynchronised(model, x, y, rank, world_size, all_reduce):
     return loss.item()
 
 
-@pytest.mark.parametrize("fn", [ddp_step, ddp_step_strided])
-def test_data_parallel_step_right(fn, capsys):
-    assert lab01.check_data_parallel_step(fn) is True
-    assert "✅" in capsys.readouterr().out
-
-
-def test_data_parallel_step_unanswered(capsys):
-    assert lab01.check_data_parallel_step(stub) is False
-    assert lab01.check_data_parallel_step(None) is False
-    assert capsys.readouterr().out.count("not answered yet") == 2
-
-
-@pytest.mark.parametrize("fn, message", [
-    (ddp_step_summed, "4x one process's: all_reduce sums over the ranks; divide by world_size"),
-    (ddp_step_whole_batch, "on 32 sequences in all, the batch has 8"),
-    (ddp_step_unsynchronised, "differs from one process's on the whole batch"),
-])
-def test_data_parallel_step_wrong(fn, message, capsys):
-    with pytest.raises(AssertionError, match="not right") as error:
-        lab01.check_data_parallel_step(fn)
-    assert message in str(error.value)
-    hint(lab01.DDP_STEP)
-    assert "all_reduce(p.grad) / world_size" in capsys.readouterr().out
-
-
 # ------------------------------------------------------------------------ lab 02: exposed communication of a step
 
 def exposed_ms(compute, comm):
@@ -177,26 +152,43 @@ def patchify_rows_of_pixels(images, patch_size):
     return images.reshape(B, -1, patch_size * patch_size)  # consecutive pixels, not squares
 
 
-@pytest.mark.parametrize("fn", [patchify, patchify_unfold])
-def test_patchify_right(fn, capsys):
-    assert lab06.check_patchify(fn) is True
+# ------------------------------------------------------------------- labs 01 and 06: one table, the same three tests
+# exercise -> (its check, the right ways, the wrong ones with the words their hint must say, the stronger hint's)
+EXERCISES = {
+    "data_parallel_step": (lab01.check_data_parallel_step, lab01.DDP_STEP, [ddp_step, ddp_step_strided], [
+        (ddp_step_summed, "4x one process's: all_reduce sums over the ranks; divide by world_size"),
+        (ddp_step_whole_batch, "on 32 sequences in all, the batch has 8"),
+        (ddp_step_unsynchronised, "differs from one process's on the whole batch"),
+    ], "all_reduce(p.grad) / world_size"),
+    "patchify": (lab06.check_patchify, lab06.PATCHIFY, [patchify, patchify_unfold], [
+        (patchify_by_columns, "the right patches in the wrong order (column by column)"),
+        (patchify_rows_of_pixels, "every patch must hold exactly its P x P square's pixels"),
+        (lambda images, patch_size: patchify(images, 4), "P=2: the patches must be (batch, (8 / P)**2 patches"),
+    ], ".permute(0, 2, 4, 1, 3, 5)"),
+}
+RIGHT = [(name, fn) for name, (_, _, right, _, _) in EXERCISES.items() for fn in right]
+WRONG = [(name, fn, words) for name, (_, _, _, wrong, _) in EXERCISES.items() for fn, words in wrong]
+
+
+@pytest.mark.parametrize("name, fn", RIGHT)
+def test_a_right_answer_passes(name, fn, capsys):
+    assert EXERCISES[name][0](fn) is True
     assert "✅" in capsys.readouterr().out
 
 
-def test_patchify_unanswered(capsys):
-    assert lab06.check_patchify(stub) is False
-    assert lab06.check_patchify(None) is False
+@pytest.mark.parametrize("name", EXERCISES)
+def test_the_unanswered_stub_lets_the_notebook_run_on(name, capsys):
+    check = EXERCISES[name][0]
+    assert check(stub) is False
+    assert check(None) is False
     assert capsys.readouterr().out.count("not answered yet") == 2
 
 
-@pytest.mark.parametrize("fn, message", [
-    (patchify_by_columns, "the right patches in the wrong order (column by column)"),
-    (patchify_rows_of_pixels, "every patch must hold exactly its P x P square's pixels"),
-    (lambda images, patch_size: patchify(images, 4), "P=2: the patches must be (batch, (8 / P)**2 patches"),
-])
-def test_patchify_wrong(fn, message, capsys):
+@pytest.mark.parametrize("name, fn, words", WRONG)
+def test_a_wrong_answer_fails_naming_its_mistake(name, fn, words, capsys):
+    check, title, _, _, stronger = EXERCISES[name]
     with pytest.raises(AssertionError, match="not right") as error:
-        lab06.check_patchify(fn)
-    assert message in str(error.value)
-    hint(lab06.PATCHIFY)
-    assert ".permute(0, 2, 4, 1, 3, 5)" in capsys.readouterr().out
+        check(fn)
+    assert words in str(error.value)
+    hint(title)
+    assert stronger in capsys.readouterr().out

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,12 +39,16 @@ def stderr_lines(nb) -> int:
 def run_notebook(path: Path, out: Path, cell_timeout: int = 900) -> dict:
     """Execute one notebook in a fresh kernel from its own folder; write the executed copy into ``out``; a row."""
     import nbformat
+    from jupyter_client.manager import KernelManager
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
 
     nb = nbformat.read(path, as_version=4)
-    client = NotebookClient(nb, timeout=cell_timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}})
+    # Local (ipc) sockets, not TCP ports: no "TCP without encryption" warning; in a short folder (a socket path has
+    # ~100 characters at most, a repository's runtime folder may be deeper)
+    sockets = tempfile.mkdtemp(prefix="labs-kernel-")
+    kernel = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "k"))
+    client = NotebookClient(nb, km=kernel, timeout=cell_timeout, resources={"metadata": {"path": str(path.parent)}})
     start, error = time.perf_counter(), ""
     try:
         client.execute()
@@ -51,6 +57,10 @@ def run_notebook(path: Path, out: Path, cell_timeout: int = 900) -> dict:
         error = lines[-1][:160] if lines else type(e).__name__
     except Exception as e:  # noqa: BLE001  (a dead kernel, a timeout: reported, the next notebook still runs)
         error = f"{type(e).__name__}: {e}"[:160]
+    finally:
+        if kernel.has_kernel:  # a kernel handed to the client is ours to stop
+            kernel.shutdown_kernel(now=True)
+        shutil.rmtree(sockets, ignore_errors=True)
     seconds = time.perf_counter() - start
     nbformat.write(nb, out / path.name)
     return {"notebook": path.name, "seconds": round(seconds, 1), "stderr lines": stderr_lines(nb),
