@@ -25,7 +25,7 @@ from pathlib import Path
 from labs_lib.core.runs import read_json
 from labs_lib.labs.checks import check
 from labs_lib.measure.tensorboard import Server, serve
-from labs_lib.measure.trace import _clip, step_breakdown, timeline
+from labs_lib.measure.trace import clip_intervals, step_breakdown, timeline
 
 
 def top_operators(run: str | Path, rank: int = 0, n: int = 12) -> list[dict]:
@@ -45,7 +45,8 @@ def step_intervals(trace: str | Path) -> list[tuple[list, list]]:
     """Per profiled step of one rank's trace: (compute, communication), each a sorted list of disjoint (start, end)
     intervals in microseconds, cut to the step (what :func:`~labs_lib.measure.trace.step_breakdown` measures)."""
     tl = timeline(trace)
-    return [(_clip(tl["compute"], start, end), _clip(tl["comm"], start, end)) for _, start, end in tl["steps"]]
+    return [(clip_intervals(tl["compute"], start, end), clip_intervals(tl["comm"], start, end))
+            for _, start, end in tl["steps"]]
 
 
 # ------------------------------------------------------------------------------------------------ TensorBoard

@@ -86,7 +86,8 @@ def _length(intervals: list[tuple[float, float]]) -> float:
     return sum(e - s for s, e in intervals)
 
 
-def _clip(intervals, start: float, end: float) -> list[tuple[float, float]]:
+def clip_intervals(intervals, start: float, end: float) -> list[tuple[float, float]]:
+    """The parts of ``(start, end)`` intervals that fall inside one window (a step), in order."""
     return [(max(s, start), min(e, end)) for s, e in intervals if e > start and s < end]
 
 
@@ -147,8 +148,8 @@ def step_breakdown(trace_path: str | Path) -> list[dict]:
     tl = timeline(trace_path)
     rows = []
     for name, start, end in tl["steps"]:
-        compute = _clip(tl["compute"], start, end)
-        comm = _clip(tl["comm"], start, end)
+        compute = clip_intervals(tl["compute"], start, end)
+        comm = clip_intervals(tl["comm"], start, end)
         overlap = _intersection(compute, comm)
         busy = _length(compute) + _length(comm) - overlap
         rows.append({"step": name, "total_ms": (end - start) / 1e3, "compute_ms": _length(compute) / 1e3,
@@ -166,4 +167,5 @@ def collective_share(trace_path: str | Path, markers: tuple[str, ...]) -> float:
         raise ValueError(f"{trace_path} has no profiled step (ProfilerStep#): was it written by profile_steps?")
     chosen = _union([(e["ts"], e["ts"] + e["dur"]) for e in events
                      if is_comm(e["name"]) and any(m in e["name"].lower() for m in markers)])
-    return sum(_length(_clip(chosen, start, end)) for start, end in steps) / sum(end - start for start, end in steps)
+    inside = sum(_length(clip_intervals(chosen, start, end)) for start, end in steps)
+    return inside / sum(end - start for start, end in steps)
