@@ -3,7 +3,9 @@
 An unanswered exercise (``None`` or ``...``) prints a hint and lets the notebook run on, so a learner can run
 everything first and come back; a wrong answer raises ``AssertionError`` with the hint; a right one says so. An
 exercise may keep a stronger hint for whoever asks: ``hint("its name")`` prints it. The expected values are
-computed by each lab's module (``labs_lib.labs.labNN``), out of the notebook's sight.
+computed by each lab's module (``labs_lib.labs.labNN``), out of the notebook's sight. For checks of a learner's
+training code: :func:`simulate_ranks` (pretend ranks in threads) and :func:`whole_batch_reference` (one process's
+loss and gradients on a tiny GPT).
 """
 
 from __future__ import annotations
@@ -84,3 +86,25 @@ def simulate_ranks(fn, world_size: int = 2, timeout: float = 10.0) -> list:
         raise RuntimeError(f"the simulated ranks did not all reach the same collective within {timeout} s: every "
                            "rank must call all_reduce the same number of times")
     return results
+
+
+def whole_batch_reference(cfg=None, batch: int = 8):
+    """What a check of a learner's training step compares with: a tiny GPT (seed 0), a batch ``(x, y)`` (``y`` is
+    ``x`` shifted by one), and one process's loss and gradients from one backward on the whole batch. The model comes
+    back untouched (no ``.grad``): the reference is computed on a copy. Returns ``(model, x, y, loss, gradients)``."""
+    import copy
+
+    import torch
+
+    from labs_lib.core.config import GPTConfig
+    from labs_lib.models.gpt import GPT
+
+    cfg = cfg or GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(1))
+    y = x.roll(-1, 1)
+    one_process = copy.deepcopy(model)
+    loss = one_process(x, y)[1]
+    loss.backward()
+    return model, x, y, loss.item(), {n: p.grad for n, p in one_process.named_parameters()}

@@ -16,8 +16,7 @@ import torch
 from labs_lib.core.config import GPTConfig
 from labs_lib.core.runs import read_json
 from labs_lib.estimates.memory import GB, MIXED_ADAM, param_count, zero_bytes_per_rank
-from labs_lib.labs.checks import check, simulate_ranks
-from labs_lib.models.gpt import GPT
+from labs_lib.labs.checks import check, simulate_ranks, whole_batch_reference
 
 __all__ = ["check_data_parallel_step", "check_tokens_per_step", "check_training_state_gb"]
 
@@ -79,15 +78,8 @@ def check_data_parallel_step(fn, world_size: int = 4, batch: int = 8, cfg: GPTCo
     hint = "each rank: backward on its slice of the batch, then average every gradient over the ranks"
     if fn is None or fn is Ellipsis:
         return check(DDP_STEP, None, True, hint=hint, more=_DDP_MORE)
-    cfg = cfg or GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=2, n_embd=32)
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(1))
-    y = x.roll(-1, 1)
+    model, x, y, loss, reference = whole_batch_reference(cfg, batch)
     models = [copy.deepcopy(model) for _ in range(world_size)]  # DDP starts every replica from rank 0's weights
-    loss = model(x, y)[1]
-    loss.backward()  # the reference: one process, the whole batch
-    reference = {n: p.grad for n, p in model.named_parameters()}
     seen: list[int] = []  # sequences each forward call got, over all ranks
     for m in models:
         m.register_forward_pre_hook(lambda _m, args, kwargs: seen.append(len((*args, *kwargs.values())[0])),
@@ -96,5 +88,5 @@ def check_data_parallel_step(fn, world_size: int = 4, batch: int = 8, cfg: GPTCo
                              world_size)
     if all(r is None or r is Ellipsis for r in results) and not seen:
         return check(DDP_STEP, None, True, hint=hint, more=_DDP_MORE)
-    problem = _ddp_diagnosis(models, results, seen, reference, loss.item(), batch, world_size)
+    problem = _ddp_diagnosis(models, results, seen, reference, loss, batch, world_size)
     return check(DDP_STEP, not problem, True, hint=problem or hint, more=_DDP_MORE)

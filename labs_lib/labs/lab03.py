@@ -17,8 +17,7 @@ import torch
 from labs_lib.core.config import GPTConfig
 from labs_lib.estimates.memory import GB, MIXED_ADAM, zero_bytes_per_rank
 from labs_lib.jobs.launch import train_deepspeed
-from labs_lib.labs.checks import check
-from labs_lib.models.gpt import GPT
+from labs_lib.labs.checks import check, whole_batch_reference
 
 PARTS = ("params", "grads", "optimizer")
 
@@ -58,14 +57,7 @@ def accumulation_matches_big_batch(fn, cfg: GPTConfig | None = None, batch: int 
     ``.grad`` the gradient of the mean loss over the whole batch, as one backward on the whole batch does.
 
     Returns None if ``fn`` is not written yet (returns None or ...), else True / False."""
-    cfg = cfg or GPTConfig(vocab_size=128, block_size=16, n_layer=2, n_head=2, n_embd=32)
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.block_size), generator=torch.Generator().manual_seed(1))
-    y = x.roll(-1, 1)
-    model(x, y)[1].backward()
-    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    model, x, y, _, reference = whole_batch_reference(cfg, batch)
     if fn(model, x, y, micro_batches) in (None, Ellipsis):
         return None
     return all(p.grad is not None and torch.allclose(p.grad, reference[n], rtol=0, atol=atol)
