@@ -25,7 +25,7 @@ from pathlib import Path
 from labs_lib.core.runs import read_json
 from labs_lib.labs.checks import check
 from labs_lib.measure.tensorboard import Server, serve
-from labs_lib.measure.trace import clip_intervals, step_breakdown, timeline
+from labs_lib.measure.trace import step_breakdown, step_windows
 
 
 def top_operators(run: str | Path, rank: int = 0, n: int = 12) -> list[dict]:
@@ -44,9 +44,7 @@ def breakdown_rows(traces: dict[int, Path]) -> list[dict]:
 def step_intervals(trace: str | Path) -> list[tuple[list, list]]:
     """Per profiled step of one rank's trace: (compute, communication), each a sorted list of disjoint (start, end)
     intervals in microseconds, cut to the step (what :func:`~labs_lib.measure.trace.step_breakdown` measures)."""
-    tl = timeline(trace)
-    return [(clip_intervals(tl["compute"], start, end), clip_intervals(tl["comm"], start, end))
-            for _, start, end in tl["steps"]]
+    return [(compute, comm) for _, _, _, compute, comm in step_windows(trace)]
 
 
 # ------------------------------------------------------------------------------------------------ TensorBoard

@@ -141,15 +141,20 @@ def collectives(trace_path: str | Path, step: int = 0) -> list[dict]:
     return rows
 
 
+def step_windows(trace_path: str | Path) -> list[tuple[str, float, float, list, list]]:
+    """Per profiled step of one rank's trace: ``(name, start, end, compute, comm)``, the last two sorted disjoint
+    ``(start, end)`` intervals in microseconds cut to the step."""
+    tl = timeline(trace_path)
+    return [(name, start, end, clip_intervals(tl["compute"], start, end), clip_intervals(tl["comm"], start, end))
+            for name, start, end in tl["steps"]]
+
+
 def step_breakdown(trace_path: str | Path) -> list[dict]:
     """Per profiled step (milliseconds): total, compute, communication, overlap of the two, and idle.
 
     ``compute + comm - overlap + idle == total``: exposed communication is ``comm - overlap``."""
-    tl = timeline(trace_path)
     rows = []
-    for name, start, end in tl["steps"]:
-        compute = clip_intervals(tl["compute"], start, end)
-        comm = clip_intervals(tl["comm"], start, end)
+    for name, start, end, compute, comm in step_windows(trace_path):
         overlap = _intersection(compute, comm)
         busy = _length(compute) + _length(comm) - overlap
         rows.append({"step": name, "total_ms": (end - start) / 1e3, "compute_ms": _length(compute) / 1e3,
