@@ -3,6 +3,9 @@
     results = run_ranks(my_check, 2, arg)   # my_check(rank, world_size, arg) at module level of a test file
 
 Each rank joins a fresh gloo process group on 127.0.0.1; a failure on any rank raises with that rank's traceback.
+Ranks are forked from a forkserver that imported torch once for the whole test session (a spawned rank spends ~1.5 s
+of CPU importing torch: 4 ranks on 2 cores, ~4.5 s a call; forked, ~0.15 s). Like a spawned process, each rank gets
+the caller's environment, working directory and sys.path of the moment it starts.
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue, release):
+# Only imports that read no environment: the forkserver keeps what they did at its start for the whole session.
+_CONTEXT = mp.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(["torch", "torch.distributed", "torch.nn.functional", "numpy"])
+
+
+def _worker(rank, world_size, port, fn, args, queue, release, environ):
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
@@ -45,11 +55,10 @@ def _worker(rank, world_size, port, fn, args, queue, release):
 
 def run_ranks(fn, world_size: int, *args, timeout: float = 300) -> list:
     """``fn(rank, world_size, *args)`` on each of ``world_size`` gloo ranks; returns the results by rank."""
-    ctx = mp.get_context("spawn")
-    queue, release = ctx.Queue(), ctx.Event()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, release), daemon=True)
-             for r in range(world_size)]
+    queue, release = _CONTEXT.Queue(), _CONTEXT.Event()
+    port, environ = free_port(), dict(os.environ)
+    procs = [_CONTEXT.Process(target=_worker, args=(r, world_size, port, fn, args, queue, release, environ),
+                              daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, object] = {}
