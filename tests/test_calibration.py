@@ -32,9 +32,18 @@ def test_calibration_measures_both_links_and_the_compute(calibration):
         assert all(r["time_s"] > 0 and r["busbw"] > 0 for r in link["rows"])
         assert link["latency_s"] > 0 and link["busbw"] > 0
         assert [r["bytes"] for r in link["rows"]] == calibration["message_sizes"]
+        # reduce-scatter and all-gather measured at the same sizes, each with its own fit (the all-reduce's: the link's)
+        assert set(link["collectives"]) == {"all_reduce", "reduce_scatter", "all_gather"}
+        for fit in link["collectives"].values():
+            assert [r["bytes"] for r in fit["rows"]] == calibration["message_sizes"]
+            assert fit["latency_s"] >= 0 and fit["busbw"] > 0
+        assert (link["collectives"]["all_reduce"]["latency_s"], link["collectives"]["all_reduce"]["busbw"]) == (
+            link["latency_s"], link["busbw"])
     assert calibration["peak_flops"] == max(r["flops"] for r in calibration["gemm"]) > 1e8
     assert 0 < calibration["compute_efficiency"] <= 1.5 and calibration["layer_overhead_s"] >= 0
     cluster = local_cluster(measure_if_missing=False)
     assert (cluster.name, cluster.gpus, cluster.shared_cores) == ("local", 8, calibration["cores"])
+    intra = calibration["links"]["intra_node"]["collectives"]["reduce_scatter"]
+    assert cluster.link("reduce_scatter", 2) == (intra["latency_s"], intra["busbw"])
 
 

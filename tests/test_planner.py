@@ -242,6 +242,32 @@ def test_ranks_sharing_cores_share_the_compute():
     assert shared.compute_time_s == pytest.approx(4 * alone.compute_time_s)
 
 
+def test_collectives_slower_than_the_all_reduce_time_zero_and_sequence_parallelism():
+    """A cluster whose reduce-scatter and all-gather run at their own (measured) rates: ZeRO-2 and TP + SP take the
+    longer, plain data parallelism and TP without SP (all-reduces only) do not move."""
+    small = ModelSpec.from_gpt_config(GPTConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=64))
+    cpu = ClusterSpec("cpu", gpus=4, gpus_per_node=4, memory_bytes=4e9, peak_flops=1e10, intra_node_busbw=1e9,
+                      inter_node_busbw=5e8, latency_s=1e-4)
+    slow = replace(cpu, collectives={"reduce_scatter": ((3e-4, 4e8), (3e-4, 2e8)),
+                                     "all_gather": ((2e-4, 5e8), (2e-4, 2.5e8))})
+    assert slow.link("reduce_scatter", 4) == (3e-4, 4e8) and slow.link("all_gather", 8) == (2e-4, 2.5e8)
+    assert slow.link("all_reduce", 4) == cpu.link("all_reduce", 4) == (1e-4, 1e9)
+    plans = {"dp": Plan(dp=4, global_batch=16, precision="fp32"),
+             "zero2": Plan(dp=4, zero=2, global_batch=16, precision="fp32"),
+             "tp": Plan(dp=2, tp=2, global_batch=16, precision="fp32"),
+             "tp+sp": Plan(dp=2, tp=2, global_batch=16, precision="fp32", sequence_parallel=True)}
+    for name, plan in plans.items():
+        before, after = estimate(small, cpu, plan), estimate(small, slow, plan)
+        assert after.comm_bytes == before.comm_bytes, name
+        if name in ("dp", "tp"):
+            assert after.step_time_s == pytest.approx(before.step_time_s), name
+        else:
+            assert after.step_time_s > before.step_time_s, name
+    zero = estimate(small, slow, plans["zero2"]).comm_time_s
+    n = stage_params(small, 1, 1, 0) * 4  # fp32 gradients, one bucket
+    assert zero["zero reduce-scatter"] == pytest.approx(4 * (3e-4 + n * 3 / 4 / 4e8))  # 4 micro-batches, 1 bucket
+
+
 @pytest.mark.parametrize("plan, fix", [
     (Plan(dp=128, tp=7), "does not divide heads=96"),
     (Plan(dp=12, tp=8), "set --dp 128"),

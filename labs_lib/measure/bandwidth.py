@@ -1,6 +1,7 @@
 """All-reduce bandwidth against message size, measured the way nccl-tests' all_reduce_perf measures it.
 
     torchrun --standalone --nproc-per-node=2 -m labs_lib.measure.bandwidth --out build/runs/bw     # one node
+    ... -m labs_lib.measure.bandwidth --out build/runs/bw --collectives all_reduce reduce_scatter all_gather
     sbatch --nodes=2 slurm/train_gpt.sbatch ...   # via labs_lib.jobs.launch("labs_lib.measure.bandwidth", ...)
 
 For each message size: a few warm-up all-reduces, then ``--iters`` timed ones; the time of a size is the slowest
@@ -9,8 +10,14 @@ because on CPUs shared with other processes the descheduled iterations are part 
 (doc/PERFORMANCE.md): algorithm bandwidth algbw = bytes / time, bus bandwidth busbw = algbw · 2(n − 1)/n, the
 rate each link of a ring all-reduce carries, comparable across rank counts and with a link's data-sheet speed.
 
-Writes ``out/bandwidth.json`` ({"world_size", "backend", "nodes", "rows": [{bytes, time_s, algbw, busbw}]}) and
-one metrics.jsonl record per size (``step`` = its index, for the launcher's progress bar).
+``--collectives`` adds reduce-scatter and all-gather (reduce_scatter_perf, all_gather_perf): the size is the whole
+tensor (the reduce-scatter's input, the all-gather's output) and busbw = algbw · (n − 1)/n, since each rank sends
+and receives (n − 1)/n of it. On NVLink / InfiniBand the three reach about the same busbw; gloo's reduce-scatter and
+all-gather are slower per byte than its all-reduce, which is why the planner's CPU preset fits each on its own.
+
+Writes ``out/bandwidth.json`` ({"world_size", "backend", "nodes", "rows": [{bytes, time_s, algbw, busbw}]}: the
+all-reduce's; and "collectives": {name: rows} for every collective measured) and one metrics.jsonl record per
+collective and size (``step`` = its index, for the launcher's progress bar).
 """
 
 from __future__ import annotations
@@ -28,11 +35,22 @@ from labs_lib.core.dist import cleanup, init_distributed, print0
 from labs_lib.core.runs import append_metrics, write_json
 
 DEFAULT_SIZES = [2**k for k in range(10, 25, 2)]  # 1 KiB .. 16 MiB, every factor of 4
+COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather")
+# torch 2.13 renamed the flat-tensor collectives (the old names still work, with a FutureWarning).
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def bus_bandwidth(algbw: float, world_size: int) -> float:
-    """nccl-tests' bus bandwidth of an all-reduce: algbw · 2(n − 1)/n."""
-    return algbw * 2 * (world_size - 1) / world_size if world_size > 1 else algbw
+def bus_factor(collective: str, world_size: int) -> float:
+    """nccl-tests' busbw / algbw: 2(n − 1)/n for an all-reduce, (n − 1)/n for a reduce-scatter or all-gather."""
+    if world_size < 2:
+        return 1.0
+    return (2 if collective == "all_reduce" else 1) * (world_size - 1) / world_size
+
+
+def bus_bandwidth(algbw: float, world_size: int, collective: str = "all_reduce") -> float:
+    """nccl-tests' bus bandwidth: algbw · 2(n − 1)/n for an all-reduce, algbw · (n − 1)/n for the other two."""
+    return algbw * bus_factor(collective, world_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES, help="message sizes in bytes")
     p.add_argument("--iters", type=int, default=40, help="timed all-reduces per size")
     p.add_argument("--warmup", type=int, default=3, help="untimed all-reduces per size first")
+    p.add_argument("--collectives", nargs="+", choices=COLLECTIVES, default=["all_reduce"],
+                   help="what to time at every size (all_reduce is always measured: its rows are the link's)")
     p.add_argument("--no-progress", action="store_true", help="accepted like every job module's (no bar here)")
     return p
 
@@ -52,19 +72,35 @@ def check_args(argv: list[str], world_size: int) -> int:
         raise ValueError("an all-reduce bandwidth needs at least 2 ranks: launch it with 2 or more")
     if a.iters < 1 or min(a.sizes) < 4:
         raise ValueError("--iters must be >= 1 and every --sizes value >= 4 bytes (one float32)")
-    return len(a.sizes)
+    return len(a.sizes) * len(_collectives(a))
 
 
-def time_all_reduce(nbytes: int, iters: int, warmup: int, device: torch.device) -> float:
-    """Seconds per all-reduce of ``nbytes`` (float32), the slowest rank's mean over ``iters``: the mean, as
+def _collectives(args) -> list[str]:
+    return ["all_reduce"] + [c for c in dict.fromkeys(args.collectives) if c != "all_reduce"]
+
+
+def _operation(collective: str, nbytes: int, world_size: int, device: torch.device):
+    """The collective on a float32 tensor of ``nbytes`` (rounded to whole shards), as a call without arguments."""
+    shard = max(nbytes // 4 // world_size, 1)
+    whole = torch.ones(shard * world_size if collective != "all_reduce" else max(nbytes // 4, 1), device=device)
+    if collective == "all_reduce":
+        return lambda: dist.all_reduce(whole)
+    part = torch.ones(shard, device=device)
+    if collective == "reduce_scatter":
+        return lambda: _reduce_scatter(part, whole)
+    return lambda: _all_gather(whole, part)
+
+
+def time_collective(collective: str, nbytes: int, iters: int, warmup: int, device: torch.device) -> float:
+    """Seconds per ``collective`` of ``nbytes`` (float32), the slowest rank's mean over ``iters``: the mean, as
     nccl-tests reports it, because a training job pays for the slow iterations too."""
-    tensor = torch.ones(max(nbytes // 4, 1), dtype=torch.float32, device=device)
+    run = _operation(collective, nbytes, dist.get_world_size(), device)
     for _ in range(warmup):
-        dist.all_reduce(tensor)
+        run()
     dist.barrier()
     start = time.perf_counter()
     for _ in range(iters):
-        dist.all_reduce(tensor)
+        run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64, device=device)
@@ -81,19 +117,24 @@ def main(argv: list[str] | None = None) -> None:
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", 1)))
-    rows = []
-    for i, nbytes in enumerate(a.sizes):
-        seconds = time_all_reduce(nbytes, a.iters, a.warmup, info.device)
-        algbw = nbytes / seconds
-        row = {"bytes": nbytes, "time_s": seconds, "algbw": algbw, "busbw": bus_bandwidth(algbw, info.world_size)}
-        rows.append(row)
-        if info.is_main:
-            append_metrics(out, {"step": i + 1, **row})
-        print0(f"{nbytes:>10,d} B  {seconds * 1e6:10.1f} us  algbw {algbw / 1e9:7.3f} GB/s  "
-               f"busbw {row['busbw'] / 1e9:7.3f} GB/s")
+    measured = {}
+    for collective in _collectives(a):
+        rows = measured[collective] = []
+        for nbytes in a.sizes:
+            seconds = time_collective(collective, nbytes, a.iters, a.warmup, info.device)
+            algbw = nbytes / seconds
+            row = {"bytes": nbytes, "time_s": seconds, "algbw": algbw,
+                   "busbw": bus_bandwidth(algbw, info.world_size, collective)}
+            rows.append(row)
+            step = sum(len(r) for r in measured.values())
+            if info.is_main:
+                append_metrics(out, {"step": step, "collective": collective, **row})
+            print0(f"{collective:>14} {nbytes:>10,d} B  {seconds * 1e6:10.1f} us  algbw {algbw / 1e9:7.3f} GB/s  "
+                   f"busbw {row['busbw'] / 1e9:7.3f} GB/s")
     if info.is_main:
         write_json(out / "bandwidth.json", {"world_size": info.world_size, "backend": info.backend,
-                                            "nodes": nodes, "rows": rows})
+                                            "nodes": nodes, "rows": measured["all_reduce"],
+                                            "collectives": measured})
     cleanup()
 
 

@@ -9,7 +9,9 @@ What is measured, and what a GPU cluster's data sheet gives instead:
 - **all-reduce bus bandwidth against message size** (labs_lib.measure.bandwidth, nccl-tests' busbw), within one
   simulated node (2 ranks on node1) and across the two (1 rank on each), as real jobs through labs_lib.jobs.launch.
   A straight line through time = latency + bytes·2(n−1)/n / busbw over the sizes gives the two numbers the planner
-  uses per link (least squares, weighted so that small and large messages count alike);
+  uses per link (least squares, weighted so that small and large messages count alike); reduce-scatter and
+  all-gather (reduce_scatter_perf, all_gather_perf) get a line each, since gloo's run slower per byte than its
+  all-reduce: the planner times ZeRO's and sequence parallelism's collectives with their own;
 - **matmul FLOP/s** on one thread at several sizes (the GEMM benchmark): the peak is the largest;
 - **the GPT's training step at several micro-batches** (labs_lib.measure.throughput), both measured by one rank
   per core at once (labs_lib.measure.compute as a job), since a rank of a real job never has the machine alone:
@@ -34,7 +36,7 @@ import torch
 from labs_lib.core import paths
 from labs_lib.core.config import GPTConfig
 from labs_lib.core.runs import read_json, write_json
-from labs_lib.measure.bandwidth import DEFAULT_SIZES
+from labs_lib.measure.bandwidth import COLLECTIVES, DEFAULT_SIZES, bus_factor
 
 # The model the step costs are measured on: the benchmarks' and lab 07's small GPT (ci vocabulary and sequence).
 CALIBRATION_MODEL = GPTConfig(vocab_size=512, block_size=64, n_layer=8, n_head=8, n_embd=128)
@@ -47,10 +49,11 @@ def calibration_path() -> Path:
     return paths.cache_dir() / "planner" / "local.json"
 
 
-def fit_link(rows: list[dict], world_size: int) -> tuple[float, float]:
-    """(latency s, bus bandwidth B/s) of ``time = latency + bytes·2(n−1)/n / busbw`` through the measured rows,
-    least squares on relative error (each row weighted by 1/time², so 1 KiB counts as much as 16 MiB)."""
-    factor = 2 * (world_size - 1) / world_size
+def fit_link(rows: list[dict], world_size: int, collective: str = "all_reduce") -> tuple[float, float]:
+    """(latency s, bus bandwidth B/s) of ``time = latency + bytes·f / busbw`` through the measured rows (f = 2(n−1)/n
+    for an all-reduce, (n−1)/n for a reduce-scatter or all-gather), least squares on relative error (each row
+    weighted by 1/time², so 1 KiB counts as much as 16 MiB)."""
+    factor = bus_factor(collective, world_size)
     xs = [r["bytes"] * factor for r in rows]
     ts = [r["time_s"] for r in rows]
     ws = [1 / t**2 for t in ts]
@@ -78,18 +81,21 @@ def fit_step_costs(rows: list[dict], cfg: GPTConfig, peak: float) -> tuple[float
 
 
 def measure_links(runs: Path, progress: bool = True) -> dict:
-    """All-reduce rows within a node (2 ranks, one node) and across nodes (1 rank on each of 2), as real jobs."""
+    """All-reduce, reduce-scatter and all-gather rows within a node (2 ranks, one node) and across nodes (1 rank on
+    each of 2), as real jobs; each collective's fit too (the all-reduce's is the link's)."""
     from labs_lib.jobs.launch import launch
 
     links = {}
     for name, nodes, per_node in (("intra_node", 1, 2), ("inter_node", 2, 1)):
         out = runs / f"allreduce_{name}"
-        launch("labs_lib.measure.bandwidth", [], out, nodes=nodes, nproc_per_node=per_node, progress=progress,
-               desc=f"all-reduce {name.replace('_', '-')}")
+        launch("labs_lib.measure.bandwidth", ["--collectives", *COLLECTIVES], out, nodes=nodes,
+               nproc_per_node=per_node, progress=progress, desc=f"collectives {name.replace('_', '-')}")
         measured = read_json(out / "bandwidth.json")
-        latency, busbw = fit_link(measured["rows"], measured["world_size"])
-        links[name] = {"rows": measured["rows"], "world_size": measured["world_size"], "latency_s": latency,
-                       "busbw": busbw}
+        world = measured["world_size"]
+        fits = {c: dict(zip(("latency_s", "busbw"), fit_link(rows, world, c)))
+                for c, rows in measured["collectives"].items()}
+        links[name] = {"rows": measured["rows"], "world_size": world, **fits["all_reduce"],
+                       "collectives": {c: {**fit, "rows": measured["collectives"][c]} for c, fit in fits.items()}}
     return links
 
 
@@ -145,13 +151,18 @@ def local_cluster(measure_if_missing: bool = True):
 
     c = load_calibration(measure_if_missing)
     gpus = LOCAL_NODES * LOCAL_RANKS_PER_NODE
+    intra, inter = c["links"]["intra_node"], c["links"]["inter_node"]
+    # reduce-scatter and all-gather each with their own fit (gloo's are slower per byte than its all-reduce); a
+    # calibration saved before they were measured has none, and the planner uses the all-reduce's for them
+    collectives = {name: ((intra["collectives"][name]["latency_s"], intra["collectives"][name]["busbw"]),
+                          (inter["collectives"][name]["latency_s"], inter["collectives"][name]["busbw"]))
+                   for name in COLLECTIVES[1:] if name in intra.get("collectives", {})}
     return ClusterSpec(name="local", gpus=gpus, gpus_per_node=LOCAL_RANKS_PER_NODE,
                        memory_bytes=c["memory_bytes"] / gpus, peak_flops=c["peak_flops"],
-                       intra_node_busbw=c["links"]["intra_node"]["busbw"],
-                       inter_node_busbw=c["links"]["inter_node"]["busbw"],
-                       latency_s=max(c["links"]["intra_node"]["latency_s"], c["links"]["inter_node"]["latency_s"]),
+                       intra_node_busbw=intra["busbw"], inter_node_busbw=inter["busbw"],
+                       latency_s=max(intra["latency_s"], inter["latency_s"]),
                        compute_efficiency=c["compute_efficiency"], shared_cores=c["cores"],
-                       layer_overhead_s=c["layer_overhead_s"])
+                       layer_overhead_s=c["layer_overhead_s"], collectives=collectives or None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -163,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     record = calibrate() if a.force or not (a.show or calibration_path().exists()) else load_calibration()
     for name, link in record["links"].items():
-        print(f"{name}: latency {link['latency_s'] * 1e6:.0f} us, busbw {link['busbw'] / 1e9:.3f} GB/s")
+        for collective, fit in link.get("collectives", {"all_reduce": link}).items():
+            print(f"{name} {collective}: latency {fit['latency_s'] * 1e6:.0f} us, busbw {fit['busbw'] / 1e9:.3f} GB/s")
         print(format_table([{"bytes": r["bytes"], "time us": r["time_s"] * 1e6, "busbw GB/s": r["busbw"] / 1e9}
                             for r in link["rows"]], digits=3))
     print(f"matmul peak {record['peak_flops'] / 1e9:.1f} GFLOP/s (1 thread); the GPT's matmuls reach "

@@ -20,15 +20,16 @@ flight; the last the output layer, a copy of the tied embedding, and the logits)
 - buffers: the last stage's fp32 logits (b·s·V/t, every micro-batch of them under GPipe), the tensors backward
   rebuilds for one layer under recomputation, and one DDP bucket (25 MB, or all the gradients if fewer).
 
-**Time**: compute = hardware FLOPs per GPU / (peak · compute_efficiency), plus the calibrated fixed cost per layer
-and micro-batch (CPU clusters); ranks that share ``shared_cores`` cores share their compute. Bubble = (p − 1)/(v·m)
-of that ideal time (Megatron's convention; (p − 1)/(v·m + p − 1) of the whole step). Communication per collective
-= latency + ring bytes / busbw (nccl-tests' definition: all-reduce moves 2(n − 1)/n of the tensor, all-gather and
-reduce-scatter (n − 1)/n), over intra-node links when the group fits in a node (ranks laid out TP, then DP, then
-PP, labs_lib.parallel.mesh). Step = compute + bubble + what does not overlap: gradient all-reduces / reduce-scatters
-overlap the last micro-batch's backward except the last bucket; TP, PP and ZeRO all-gathers do not overlap. The
-host's Adam under offload is not timed. MFU counts model FLOPs (6N + 12·L·h·s per token, PaLM appendix B); HFU
-adds what recomputation repeats (full: one more forward of the layers; selective: the attention core).
+**Time**: compute = hardware FLOPs per GPU / (peak · compute_efficiency), plus the calibrated fixed cost per layer and
+micro-batch (CPU clusters); ranks that share ``shared_cores`` cores share their compute. Bubble = (p−1)/(v·m) of that
+ideal time (Megatron's convention; (p−1)/(v·m+p−1) of the whole step). Communication per collective = latency + ring
+bytes / busbw (nccl-tests' definition: all-reduce moves 2(n−1)/n of the tensor, all-gather and reduce-scatter (n−1)/n;
+each with its own latency and busbw where the cluster says so), over intra-node links when the group fits in a node
+(ranks laid out TP, then DP, then PP, labs_lib.parallel.mesh). Step = compute + bubble + what does not overlap: gradient
+all-reduces / reduce-scatters overlap the last micro-batch's backward except the last bucket; TP, PP and ZeRO
+all-gathers do not overlap. The host's Adam under offload is not timed. MFU counts model FLOPs (6N + 12·L·h·s per token,
+PaLM appendix B); HFU adds what recomputation repeats (full: one more forward of the layers; selective: the attention
+core).
 """
 
 from __future__ import annotations
@@ -175,9 +176,10 @@ def _core_share(cluster: ClusterSpec) -> float:
     return max(1.0, cluster.gpus / cluster.shared_cores) if cluster.shared_cores else 1.0
 
 
-def _collective(cluster: ClusterSpec, span: int, ring_bytes: float, count: float) -> float:
+def _collective(cluster: ClusterSpec, span: int, ring_bytes: float, count: float, kind: str = "all_reduce") -> float:
     # On shared cores a collective is CPU work too (gloo's copies, every hop waiting for its rank's turn on a core).
-    return _core_share(cluster) * (count * cluster.latency_s + ring_bytes / cluster.busbw(span))
+    latency, busbw = cluster.link(kind, span)
+    return _core_share(cluster) * (count * latency + ring_bytes / busbw)
 
 
 def _gradient_traffic(model: ModelSpec, cluster: ClusterSpec, plan: Plan, backward_s: float):
@@ -189,10 +191,10 @@ def _gradient_traffic(model: ModelSpec, cluster: ClusterSpec, plan: Plan, backwa
     n = max(stage_params(model, plan.tp, plan.pp, stage) for stage in (0, plan.pp - 1))
     grads, span = n * grad_bytes, plan.tp * d
     # Stages 0 and 1 all-reduce once per step (no_sync in between); 2 and 3 reduce-scatter every backward.
-    name, factor, syncs = ("dp all-reduce", 2 * (d - 1) / d, 1) if plan.zero <= 1 else \
-        ("zero reduce-scatter", (d - 1) / d, m)
-    sync_s = _collective(cluster, span, factor * grads, math.ceil(grads / DDP_BUCKET_BYTES))
-    last_bucket_s = _collective(cluster, span, factor * min(grads, DDP_BUCKET_BYTES), 1)
+    name, kind, factor, syncs = ("dp all-reduce", "all_reduce", 2 * (d - 1) / d, 1) if plan.zero <= 1 else \
+        ("zero reduce-scatter", "reduce_scatter", (d - 1) / d, m)
+    sync_s = _collective(cluster, span, factor * grads, math.ceil(grads / DDP_BUCKET_BYTES), kind)
+    last_bucket_s = _collective(cluster, span, factor * min(grads, DDP_BUCKET_BYTES), 1, kind)
     traffic = {name: (syncs * factor * grads, syncs * sync_s)}
     exposed = syncs * max(last_bucket_s, sync_s - backward_s / m)
     if plan.zero >= 1:  # the updated shards gathered after the step; stage 3 gathers every forward and backward
@@ -200,7 +202,7 @@ def _gradient_traffic(model: ModelSpec, cluster: ClusterSpec, plan: Plan, backwa
         gathered = weights * (d - 1) / d * (2 * m if plan.zero == 3 else 1)
         # stage 3 gathers one unit (a block, or the embeddings and head) at a time; 1 and 2 one bucket at a time
         gathers = 2 * m * (model.layers / plan.pp + 1) if plan.zero == 3 else math.ceil(weights / DDP_BUCKET_BYTES)
-        traffic["zero all-gather"] = (gathered, _collective(cluster, span, gathered, gathers))
+        traffic["zero all-gather"] = (gathered, _collective(cluster, span, gathered, gathers, "all_gather"))
         exposed += traffic["zero all-gather"][1]
     return traffic, exposed
 
@@ -220,8 +222,13 @@ def _model_parallel_traffic(model: ModelSpec, cluster: ClusterSpec, plan: Plan) 
         ends = 2 if plan.pp == 1 else 1  # the embedding's sum forward, the lm_head input's backward: 1 per end
         sent = m * (layers * repeat * per_layer["bytes sent per rank"]
                     + ends * 2 * (t - 1) / t * per_layer["tensor bytes"])
-        name = "sp all-gather + reduce-scatter" if plan.sequence_parallel else "tp all-reduce"
-        traffic[name] = (sent, _collective(cluster, t, sent, m * (layers * repeat * calls + ends)))
+        count = m * (layers * repeat * calls + ends)
+        if plan.sequence_parallel:  # as many all-gathers as reduce-scatters, forward and backward
+            seconds = sum(_collective(cluster, t, sent / 2, count / 2, kind)
+                          for kind in ("all_gather", "reduce_scatter"))
+            traffic["sp all-gather + reduce-scatter"] = (sent, seconds)
+        else:
+            traffic["tp all-reduce"] = (sent, _collective(cluster, t, sent, count))
     if plan.pp > 1:
         v = plan.chunks if plan.schedule == "interleaved-1f1b" else 1
         shard = t if plan.sequence_parallel else 1

@@ -74,7 +74,9 @@ class ModelSpec:
 class ClusterSpec:
     """Per GPU: memory, dense peak FLOP/s of the precision planned in, all-reduce bus bandwidth (B/s) within a node
     and across nodes. ``shared_cores``: a CPU cluster whose ranks all share that many cores; ``layer_overhead_s``:
-    the fixed cost per layer and micro-batch (forward + backward) a CPU pays and a GPU hides (calibrated)."""
+    the fixed cost per layer and micro-batch (forward + backward) a CPU pays and a GPU hides (calibrated).
+    ``collectives``: {"reduce_scatter" | "all_gather": ((latency s, busbw) within a node, (...) across nodes)} where
+    those differ from the all-reduce (gloo: measured); absent, they run at the all-reduce's (NCCL, nccl-tests)."""
 
     name: str
     gpus: int
@@ -87,6 +89,7 @@ class ClusterSpec:
     compute_efficiency: float = 0.5
     shared_cores: int | None = None
     layer_overhead_s: float = 0.0
+    collectives: dict | None = None
 
     def with_gpus(self, n: int) -> ClusterSpec:
         return replace(self, gpus=n)
@@ -94,6 +97,12 @@ class ClusterSpec:
     def busbw(self, group_span: int) -> float:
         """The bus bandwidth of a group whose ranks lie within ``group_span`` consecutive ranks."""
         return self.intra_node_busbw if group_span <= self.gpus_per_node else self.inter_node_busbw
+
+    def link(self, collective: str, group_span: int) -> tuple[float, float]:
+        """(latency s, busbw B/s) of ``collective`` over a group within ``group_span`` consecutive ranks."""
+        if self.collectives and collective in self.collectives:
+            return self.collectives[collective][0 if group_span <= self.gpus_per_node else 1]
+        return self.latency_s, self.busbw(group_span)
 
 
 @dataclass(frozen=True)
