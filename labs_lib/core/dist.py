@@ -27,6 +27,11 @@ import torch.distributed as dist
 
 from labs_lib.core.config import parse_job_args
 
+# torch 2.13 renamed the flat-tensor collectives (the old names still work, with a FutureWarning; the package allows
+# torch >= 2.4, which has only those): one name for each, whichever torch runs.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def free_ports(count: int) -> list[int]:
     """``count`` distinct ports free on 127.0.0.1 now (held together while chosen, so they differ): rendezvous

@@ -31,14 +31,11 @@ import torch
 import torch.distributed as dist
 
 from labs_lib.core.config import parse_job_args
-from labs_lib.core.dist import cleanup, init_distributed, print0
+from labs_lib.core.dist import all_gather_single, cleanup, init_distributed, print0, reduce_scatter_single
 from labs_lib.core.runs import append_metrics, write_json
 
 DEFAULT_SIZES = [2**k for k in range(10, 25, 2)]  # 1 KiB .. 16 MiB, every factor of 4
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather")
-# torch 2.13 renamed the flat-tensor collectives (the old names still work, with a FutureWarning).
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def bus_factor(collective: str, world_size: int) -> float:
@@ -87,8 +84,8 @@ def _operation(collective: str, nbytes: int, world_size: int, device: torch.devi
         return lambda: dist.all_reduce(whole)
     part = torch.ones(shard, device=device)
     if collective == "reduce_scatter":
-        return lambda: _reduce_scatter(part, whole)
-    return lambda: _all_gather(whole, part)
+        return lambda: reduce_scatter_single(part, whole)
+    return lambda: all_gather_single(whole, part)
 
 
 def time_collective(collective: str, nbytes: int, iters: int, warmup: int, device: torch.device) -> float:
@@ -117,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", 1)))
-    measured = {}
+    measured, step = {}, 0
     for collective in _collectives(a):
         rows = measured[collective] = []
         for nbytes in a.sizes:
@@ -126,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             row = {"bytes": nbytes, "time_s": seconds, "algbw": algbw,
                    "busbw": bus_bandwidth(algbw, info.world_size, collective)}
             rows.append(row)
-            step = sum(len(r) for r in measured.values())
+            step += 1
             if info.is_main:
                 append_metrics(out, {"step": step, "collective": collective, **row})
             print0(f"{collective:>14} {nbytes:>10,d} B  {seconds * 1e6:10.1f} us  algbw {algbw / 1e9:7.3f} GB/s  "

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from labs_lib.core.dist import all_gather_single, reduce_scatter_single
+
 __all__ = ["CopyToTensorParallelRegion", "ReduceFromTensorParallelRegion", "ScatterToTensorParallelRegion",
            "GatherFromTensorParallelRegion", "GatherFromSequenceParallelRegion",
            "ReduceScatterToSequenceParallelRegion", "copy_to_tensor_parallel_region",
@@ -36,8 +38,6 @@ __all__ = ["CopyToTensorParallelRegion", "ReduceFromTensorParallelRegion", "Scat
 SEQ_DIM = 1  # activations are (batch, seq, features)
 
 # torch 2.13 renamed the single-tensor collectives and deprecated the old names (a FutureWarning per call).
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def group_size(group=None) -> int:
@@ -67,7 +67,7 @@ def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         return x
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((n * front.size(0), *front.shape[1:]))
-    _all_gather_single(out, front, group=group)
+    all_gather_single(out, front, group=group)
     return out.movedim(0, dim)
 
 
@@ -79,7 +79,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
         raise ValueError(f"cannot reduce-scatter a dim of size {x.size(dim)} over {n} ranks: make it divisible")
     front = x.movedim(dim, 0).contiguous()
     out = front.new_empty((front.size(0) // n, *front.shape[1:]))
-    _reduce_scatter_single(out, front, group=group)
+    reduce_scatter_single(out, front, group=group)
     return out.movedim(0, dim)
 
 

@@ -36,13 +36,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from labs_lib.core.dist import all_gather_single, reduce_scatter_single
 from labs_lib.parallel.data_parallel import broadcast_from_first_rank
 
 __all__ = ["FlatShard", "ShardedOptimizer", "FullyShardedModule", "reduce_scatter"]
 
-# torch 2.13 renamed the flat-tensor collectives (the old names still work, with a FutureWarning).
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class _AllReduceThenSlice:
@@ -66,7 +64,7 @@ def reduce_scatter(output: torch.Tensor, input: torch.Tensor, group=None):
     gradients afterwards, but it moves twice the bytes and briefly holds the whole sum.
     """
     try:
-        return _reduce_scatter(output, input, group=group, async_op=True)
+        return reduce_scatter_single(output, input, group=group, async_op=True)
     except (RuntimeError, NotImplementedError):
         return _AllReduceThenSlice(output, input, group)
 
@@ -226,7 +224,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             b.shard.grad = b.grad_shard
         self.optimizer.step()
         # Each rank updated only its shard: gather everyone's (the input is a copy, it lies inside the output).
-        work = [_all_gather(b.flat, b.shard.clone(), group=self.process_group, async_op=True) for b in self.buckets]
+        work = [all_gather_single(b.flat, b.shard.clone(), group=self.process_group, async_op=True)
+                for b in self.buckets]
         for w in work:
             w.wait()
         if not self.shard_gradients:
@@ -296,7 +295,7 @@ class _FlatParameter(nn.Module):
 
     def all_gather(self) -> torch.Tensor:
         full = self.shard.new_empty(self.layout.padded_numel, dtype=self.compute_dtype)
-        _all_gather(full, self.shard.detach().to(self.compute_dtype), group=self.process_group)
+        all_gather_single(full, self.shard.detach().to(self.compute_dtype), group=self.process_group)
         return full
 
     def gather(self) -> None:
@@ -313,7 +312,7 @@ class _FlatParameter(nn.Module):
         self.full.untyped_storage().resize_(self.full.numel() * self.full.element_size())
         # Same values again, not a modification: keep autograd's version check quiet (FSDP2 does the same).
         with torch.autograd._unsafe_preserve_version_counter(self.full):
-            _all_gather(self.full, self.shard.detach().to(self.compute_dtype), group=self.process_group)
+            all_gather_single(self.full, self.shard.detach().to(self.compute_dtype), group=self.process_group)
 
     def free(self) -> None:
         if self.full is not None:
@@ -436,7 +435,7 @@ class FullyShardedModule(nn.Module):
         out = {}
         for flat in self.flat_params:
             full = flat.shard.new_empty(flat.layout.padded_numel)
-            _all_gather(full, flat.shard.detach(), group=self.process_group)
+            all_gather_single(full, flat.shard.detach(), group=self.process_group)
             views = flat.layout.views(full, flat.shapes)
             for _, _, name, i in flat.slots:
                 out[name] = views[i]
