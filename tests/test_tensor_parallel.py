@@ -37,6 +37,7 @@ from labs_lib.parallel.tensor_parallel import (
     apply_tensor_parallel,
     check_tensor_parallel,
     gather_full_state_dict,
+    reduce_sequence_parallel_grads,
     shard_tensor,
     vocab_parallel_cross_entropy,
 )
@@ -70,6 +71,7 @@ def _train(model, grads_of=None):
     for step, (x, y) in enumerate(_batches()):
         loss = model(x, y)[1]
         loss.backward()
+        reduce_sequence_parallel_grads(model)  # a no-op without sequence parallelism
         if step == 0 and grads_of is not None:
             grads = grads_of(model)
         optimizer.step()

@@ -7,6 +7,8 @@ so the result can be checked against one process::
     tp_group = dist.new_group([...])                       # or None: the whole world
     model = apply_tensor_parallel(GPT(config), tp_group, sequence_parallel=True)
     logits_shard, loss = model(idx, targets)               # the same loss as the single-device GPT
+    loss.backward()                                        # (every micro-batch), then once per step:
+    reduce_sequence_parallel_grads(model)                  # sum the replicated weights' grads over the TP group
     full = gather_full_state_dict(model, tp_group)         # full weights again (checkpoints, comparisons)
 
 Per block: attention's fused qkv is column-parallel by heads (rank r holds q, k and v of heads r·h/t..), its
@@ -17,7 +19,9 @@ uses that same shard, so logits stay vocab-sharded and :func:`vocab_parallel_cro
 Sequence parallelism splits what lies *between* those regions (LayerNorms, dropouts, residual adds) along the
 sequence: g becomes a reduce-scatter and f an all-gather, so activations there take 1/t of the memory for the
 same traffic. The LayerNorm weights, row-parallel biases and position embedding are replicated but see only a
-sequence shard, so their grads are summed across tensor-parallel ranks (f applied to the parameter itself).
+sequence shard, so their grads are summed across tensor-parallel ranks: once per step, after the last micro-batch's
+backward, in one flat all-reduce (:func:`reduce_sequence_parallel_grads`; Megatron's finalize_model_grads does the
+same), not one all-reduce per parameter per micro-batch (tens of tiny collectives a step, each paying the latency).
 Every rule lives in a module (the embeddings split the sequence, ln_f + lm_head gather it), so a pipeline stage
 built from these modules (pipeline.py) runs sequence-parallel too, and sends its (b, T/t, C) shard to the next.
 
@@ -53,7 +57,8 @@ from labs_lib.parallel.rng import get_rng_tracker
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
            "SequenceParallelPositionEmbedding", "SequenceParallelLayerNorm", "ShardedDropout",
            "TensorParallelSelfAttention", "TensorParallelGPT", "apply_tensor_parallel", "gather_full_state_dict",
-           "check_tensor_parallel", "check_sequence_split", "shard_tensor", "unshard_tensors"]
+           "check_tensor_parallel", "check_sequence_split", "shard_tensor", "unshard_tensors",
+           "sequence_parallel_params", "reduce_sequence_parallel_grads"]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Slicing full weights into shards and back. A split parameter carries ``tp_dim`` (the split dim) and
@@ -199,10 +204,9 @@ class RowParallelLinear(nn.Module):
             y = reduce_scatter_to_sequence_parallel_region(y, self.group)
         else:
             y = reduce_from_tensor_parallel_region(y, self.group)
-        if self.bias is None:
-            return y
-        # With sequence parallelism each rank adds the bias to its own tokens only: its grad is summed over ranks.
-        return y + (copy_to_tensor_parallel_region(self.bias, self.group) if self.sequence_parallel else self.bias)
+        # With sequence parallelism each rank adds the bias to its own tokens only: reduce_sequence_parallel_grads
+        # sums its grad over the ranks.
+        return y if self.bias is None else y + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -239,8 +243,8 @@ class VocabParallelEmbedding(nn.Module):
 
 class SequenceParallelPositionEmbedding(nn.Embedding):
     """The position table, replicated, looked up for this rank's shard of the positions it is given (rank r:
-    positions r·T/t ..), to add to that shard of the token embeddings. Each rank reads its own rows, so the table
-    enters through f: its grad is all-reduced over the TP group."""
+    positions r·T/t ..), to add to that shard of the token embeddings. Each rank reads its own rows, so the table's
+    grad is summed over the TP group (:func:`reduce_sequence_parallel_grads`)."""
 
     group = None
 
@@ -253,12 +257,12 @@ class SequenceParallelPositionEmbedding(nn.Embedding):
 
     def forward(self, pos: torch.Tensor) -> torch.Tensor:
         shard = pos.chunk(group_size(self.group))[group_rank(self.group)]
-        return F.embedding(shard, copy_to_tensor_parallel_region(self.weight, self.group))
+        return F.embedding(shard, self.weight)
 
 
 class SequenceParallelLayerNorm(nn.LayerNorm):
-    """LayerNorm on a sequence shard. Its weights are replicated but see only this rank's tokens, so they enter
-    through f: their grads are all-reduced over the TP group (Megatron sums them after backward instead)."""
+    """LayerNorm on a sequence shard. Its weights are replicated but see only this rank's tokens, so their grads
+    are summed over the TP group (:func:`reduce_sequence_parallel_grads`)."""
 
     def __init__(self, *args, group=None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -271,10 +275,33 @@ class SequenceParallelLayerNorm(nn.LayerNorm):
         layer.weight, layer.bias = ln.weight, ln.bias
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = (None if p is None else copy_to_tensor_parallel_region(p, self.group)
-                        for p in (self.weight, self.bias))
-        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+def sequence_parallel_params(model: nn.Module) -> list[tuple[nn.Parameter, object]]:
+    """(parameter, TP group) of every replicated weight that sees only this rank's sequence shard: the
+    sequence-parallel LayerNorms' and position table's weights, the row-parallel layers' biases."""
+    found = {}
+    for m in model.modules():
+        if isinstance(m, (SequenceParallelLayerNorm, SequenceParallelPositionEmbedding)) or (
+                isinstance(m, RowParallelLinear) and m.sequence_parallel):
+            for name in ("weight", "bias") if not isinstance(m, RowParallelLinear) else ("bias",):
+                p = getattr(m, name, None)
+                if p is not None:
+                    found[id(p)] = (p, m.group)
+    return list(found.values())
+
+
+@torch.no_grad()
+def reduce_sequence_parallel_grads(model: nn.Module) -> None:
+    """Sum the grads of :func:`sequence_parallel_params` over their TP group, in one flat all-reduce: call it once
+    per step, after the last micro-batch's backward and before clipping (a no-op without sequence parallelism)."""
+    params = [(p, group) for p, group in sequence_parallel_params(model) if p.grad is not None]
+    if not params or group_size(params[0][1]) == 1:
+        return
+    grads = [p.grad for p, _ in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=params[0][1])
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

@@ -41,6 +41,7 @@ from labs_lib.parallel.mesh import Mesh
 from labs_lib.parallel.parallel3d import Parallel3D
 from labs_lib.parallel.recompute import apply_activation_checkpointing
 from labs_lib.parallel.rng import TP_RNG, get_rng_tracker
+from labs_lib.parallel.tensor_parallel import reduce_sequence_parallel_grads
 from labs_lib.parallel.zero_data_parallel import ZeroDataParallel
 from labs_lib.train.optim import make_optimizer, param_groups
 
@@ -212,6 +213,8 @@ class MeshStep:
         return loss.detach()
 
     def finish_gradients(self) -> None:
+        if self.mesh.tp > 1:
+            reduce_sequence_parallel_grads(self.model)
         if self.mesh.dp > 1:
             all_reduce_gradients(self.model, self.mesh.dp, self.mesh.dp_group)
 
