@@ -242,6 +242,45 @@ def test_ranks_sharing_cores_share_the_compute():
     assert shared.compute_time_s == pytest.approx(4 * alone.compute_time_s)
 
 
+def test_shared_cores_time_collectives_between_the_link_alone_and_oversubscribed():
+    """A CPU cluster measured alone and with 2 ranks per core: 1 rank per core pays the link alone, 2 the contended
+    line, 4 the line through both extended (linear in the ranks per core)."""
+    small = ModelSpec.from_gpt_config(GPTConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=64))
+    cpu = ClusterSpec("cpu", gpus=4, gpus_per_node=4, memory_bytes=4e9, peak_flops=1e10, intra_node_busbw=1e9,
+                      inter_node_busbw=5e8, latency_s=1e-4, contended={"all_reduce": (4e-4, 5e8)}, contended_share=2)
+    plan = Plan(dp=4, global_batch=16, precision="fp32")
+    ring = 2 * 3 / 4 * stage_params(small, 1, 1, 0) * 4  # fp32 gradients, one bucket
+    alone, contended = 1e-4 + ring / 1e9, 4e-4 + ring / 5e8
+    for cores, expected in ((4, alone), (2, contended), (1, alone + 3 * (contended - alone))):
+        e = estimate(small, replace(cpu, shared_cores=cores), plan)
+        assert e.comm_time_s["dp all-reduce"] == pytest.approx(expected), cores
+    no_measurement = replace(cpu, shared_cores=2, contended=None)  # the link's time, twice over
+    assert estimate(small, no_measurement, plan).comm_time_s["dp all-reduce"] == pytest.approx(2 * alone)
+
+
+def test_optimizer_and_recompute_costs_come_from_the_cluster():
+    """A calibrated optimizer cost is paid once per step for the parameters a rank updates (ZeRO: its shard), outside
+    the pipeline bubble; a measured per-mode layer cost replaces the scaled one."""
+    small = ModelSpec.from_gpt_config(GPTConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_embd=64))
+    cpu = ClusterSpec("cpu", gpus=2, gpus_per_node=2, memory_bytes=4e9, peak_flops=1e10, intra_node_busbw=1e9,
+                      inter_node_busbw=5e8, layer_overhead_s=1e-3)
+    adam = replace(cpu, optimizer_s_per_param=1e-8)
+    n = stage_params(small, 1, 1, 0)
+    for zero, updated in ((0, n), (1, n / 2)):
+        plan = Plan(dp=2, zero=zero, global_batch=8, precision="fp32")
+        extra = estimate(small, adam, plan).compute_time_s - estimate(small, cpu, plan).compute_time_s
+        assert extra == pytest.approx(updated * 1e-8), zero
+    piped = Plan(pp=2, global_batch=8, precision="fp32")
+    assert estimate(small, adam, piped).bubble_time_s == pytest.approx(estimate(small, cpu, piped).bubble_time_s)
+    assert cpu.layer_overhead("full") == pytest.approx(4 / 3 * 1e-3) and cpu.layer_overhead("selective") == 1e-3
+    measured = replace(cpu, recompute_overhead_s={"selective": 5e-3})
+    assert measured.layer_overhead("selective") == 5e-3
+    assert measured.layer_overhead("full") == cpu.layer_overhead("full")
+    plan = Plan(dp=2, global_batch=8, recompute="selective", precision="fp32")
+    extra = estimate(small, measured, plan).compute_time_s - estimate(small, cpu, plan).compute_time_s
+    assert extra == pytest.approx(small.layers * plan.gradient_accumulation * 4e-3)
+
+
 def test_collectives_slower_than_the_all_reduce_time_zero_and_sequence_parallelism():
     """A cluster whose reduce-scatter and all-gather run at their own (measured) rates: ZeRO-2 and TP + SP take the
     longer, plain data parallelism and TP without SP (all-reduces only) do not move."""

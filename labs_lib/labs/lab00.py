@@ -79,10 +79,11 @@ def topology() -> str:
 
 def links(out: str | Path, progress: bool = True) -> dict:
     """All-reduce bus bandwidth against message size within one node (2 ranks) and across two (1 rank each), as
-    two real jobs (labs_lib.measure.bandwidth, nccl-tests' way), each with its fitted latency and bandwidth."""
+    two real jobs (labs_lib.measure.bandwidth, nccl-tests' way: a tight loop), each with its fitted latency and
+    bandwidth."""
     from labs_lib.planner.calibrate import measure_links
 
-    return measure_links(Path(out), progress=progress)
+    return measure_links(Path(out), progress=progress, collectives=("all_reduce",), compute_between_s=0.0)
 
 
 # ------------------------------------------------------------------------------------------------ exercise checks

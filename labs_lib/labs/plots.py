@@ -269,7 +269,7 @@ def plot_bandwidth(links: dict[str, dict], ax=None):
     for name, link in links.items():
         sizes = [r["bytes"] for r in link["rows"]]
         line, = ax.plot(sizes, [r["busbw"] / 1e9 for r in link["rows"]], "o", label=f"{name} measured")
-        n = link["world_size"]
+        n = link["group_size"]
         fitted = [s * 2 * (n - 1) / n / (link["latency_s"] + s * 2 * (n - 1) / n / link["busbw"]) / 1e9
                   for s in sizes]
         ax.plot(sizes, fitted, "--", color=line.get_color(),

@@ -6,9 +6,11 @@ real job sees it, with every core busy (memory bandwidth, caches and the hypervi
 
 Each rank, on one thread: square fp32 matmuls of ``--gemm-sizes`` (the GEMM benchmark), then full training steps
 (forward, backward, AdamW) of the GPT ``--n-layer/--n-head/--n-embd/--block-size/--vocab-size`` at each of
-``--micro-batches`` (labs_lib.measure.throughput.training_throughput). The ranks start together (a barrier) and do
-not communicate otherwise. Writes ``out/compute_rank<r>.json``: {"gemm": [{size, flops}], "steps": [{micro_batch,
-step_s}]}, and one metrics.jsonl record per measurement for the launcher's progress bar.
+``--micro-batches`` under each of ``--recompute`` (activation checkpointing modes), and their optimizer part
+(labs_lib.measure.throughput.training_step_seconds). The ranks start
+together (a barrier) and do not communicate otherwise. Writes ``out/compute_rank<r>.json``: {"gemm": [{size,
+flops}], "steps": [{micro_batch, recompute, step_s, optimizer_s}]}, and one metrics.jsonl record per measurement for the
+launcher's progress bar.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from labs_lib.core.config import GPTConfig, parse_job_args
+from labs_lib.core.config import CHECKPOINT_MODES, GPTConfig, parse_job_args
 from labs_lib.core.dist import cleanup, init_distributed
 from labs_lib.core.runs import append_metrics, write_json
 from labs_lib.measure.flops import measure_matmul_flops
-from labs_lib.measure.throughput import training_throughput
+from labs_lib.measure.throughput import training_step_seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for compute_rank<r>.json")
     p.add_argument("--gemm-sizes", type=int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--recompute", nargs="+", choices=CHECKPOINT_MODES, default=["none"],
+                   help="activation checkpointing modes to time the steps under")
     p.add_argument("--n-layer", type=int, default=8)
     p.add_argument("--n-head", type=int, default=8)
     p.add_argument("--n-embd", type=int, default=128)
@@ -47,7 +51,7 @@ def check_args(argv: list[str], world_size: int) -> int:
         raise ValueError("--gemm-sizes must be >= 16 and --micro-batches >= 1")
     if a.n_embd % a.n_head:
         raise ValueError(f"--n-embd {a.n_embd} is not divisible by --n-head {a.n_head}")
-    return len(a.gemm_sizes) + len(a.micro_batches)
+    return len(a.gemm_sizes) + len(a.micro_batches) * len(a.recompute)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,10 +69,12 @@ def main(argv: list[str] | None = None) -> None:
         gemm.append({"size": n, "flops": measure_matmul_flops(n, torch.float32, seconds=0.3)})
         if info.is_main:
             append_metrics(out, {"step": len(gemm), **gemm[-1]})
-    for b in a.micro_batches:
-        steps.append({"micro_batch": b, "step_s": b * cfg.block_size / training_throughput(cfg, b, steps=5, warmup=2)})
-        if info.is_main:
-            append_metrics(out, {"step": len(gemm) + len(steps), **steps[-1]})
+    for mode in a.recompute:
+        for b in a.micro_batches:
+            steps.append({"micro_batch": b, "recompute": mode,
+                          **training_step_seconds(cfg, b, steps=5, warmup=2, recompute=mode)})
+            if info.is_main:
+                append_metrics(out, {"step": len(gemm) + len(steps), **steps[-1]})
     write_json(out / f"compute_rank{info.rank}.json", {"gemm": gemm, "steps": steps})
     cleanup()
 

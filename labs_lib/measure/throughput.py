@@ -2,6 +2,7 @@
 
     steady_median(records, "tokens_per_s")      # median over the steps after the warm-up
     training_throughput(cfg, batch_size=8)      # tokens/s of full training steps of a GPT shape, in this process
+    training_step_seconds(cfg, batch_size=8)    # {"step_s", "optimizer_s"}: a step and its optimizer part
     checkpointing_step_seconds(cfg, batch=8)    # seconds per step under each activation-checkpointing mode
 
 The warm-up rule (:func:`steady_records`): the first quarter of a run's steps (at least one, when there are two or
@@ -39,31 +40,42 @@ def steady_median(records: list[dict], key: str = "tokens_per_s") -> float:
     return statistics.median(r[key] for r in steady)
 
 
-def training_throughput(cfg, batch_size: int, steps: int = 5, warmup: int = 2, dtype: str = "fp32",
-                        device: str | torch.device = "cpu", seed: int = 0) -> float:
-    """Tokens/s of full training steps (forward, backward, AdamW) of labs_lib's GPT with shape ``cfg``, in-process.
-
-    Median over ``steps`` timed steps after ``warmup`` untimed ones; random tokens (speed does not depend on them)."""
-
+def training_step_seconds(cfg, batch_size: int, steps: int = 5, warmup: int = 2, dtype: str = "fp32",
+                          device: str | torch.device = "cpu", seed: int = 0, recompute: str = "none") -> dict:
+    """Seconds of a full training step (forward, backward, AdamW) of labs_lib's GPT with shape ``cfg``, in-process,
+    and of its optimizer part (AdamW's step and zero_grad): {"step_s", "optimizer_s"}, medians over ``steps`` timed
+    steps after ``warmup`` untimed ones; random tokens (speed does not depend on them). ``recompute``: the
+    activation checkpointing mode (labs_lib.parallel.recompute)."""
     torch.manual_seed(seed)
-    model = GPT(cfg).to(device)
+    model = apply_activation_checkpointing(GPT(cfg).to(device), recompute)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.block_size), device=device)
     autocast = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if dtype == "bf16"
                 else contextlib.nullcontext())
-    times = []
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    steps_s, optimizer_s = [], []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         with autocast:
             loss = model(x, x)[1]
         loss.backward()
+        sync()
+        t1 = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return batch_size * cfg.block_size / statistics.median(times)
+            steps_s.append(time.perf_counter() - t0)
+            optimizer_s.append(time.perf_counter() - t1)
+    return {"step_s": statistics.median(steps_s), "optimizer_s": statistics.median(optimizer_s)}
+
+
+def training_throughput(cfg, batch_size: int, steps: int = 5, warmup: int = 2, dtype: str = "fp32",
+                        device: str | torch.device = "cpu", seed: int = 0) -> float:
+    """Tokens/s of full training steps of labs_lib's GPT with shape ``cfg``, in-process
+    (:func:`training_step_seconds`)."""
+    seconds = training_step_seconds(cfg, batch_size, steps, warmup, dtype, device, seed)["step_s"]
+    return batch_size * cfg.block_size / seconds
 
 
 def _trainer(cfg: GPTConfig, mode: str, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -21,11 +21,13 @@ flight; the last the output layer, a copy of the tied embedding, and the logits)
   rebuilds for one layer under recomputation, and one DDP bucket (25 MB, or all the gradients if fewer).
 
 **Time**: compute = hardware FLOPs per GPU / (peak · compute_efficiency), plus the calibrated fixed cost per layer and
-micro-batch (CPU clusters); ranks that share ``shared_cores`` cores share their compute. Bubble = (p−1)/(v·m) of that
-ideal time (Megatron's convention; (p−1)/(v·m+p−1) of the whole step). Communication per collective = latency + ring
-bytes / busbw (nccl-tests' definition: all-reduce moves 2(n−1)/n of the tensor, all-gather and reduce-scatter (n−1)/n;
-each with its own latency and busbw where the cluster says so), over intra-node links when the group fits in a node
-(ranks laid out TP, then DP, then PP, labs_lib.parallel.mesh). Step = compute + bubble + what does not overlap: gradient
+micro-batch and the optimizer's per parameter the rank updates (CPU clusters); ranks that share ``shared_cores`` cores
+share their compute. Bubble = (p−1)/(v·m) of the micro-batches' ideal time (Megatron's convention; (p−1)/(v·m+p−1)
+of the pipelined part). Communication per collective = latency + ring bytes / busbw (nccl-tests' definition:
+all-reduce moves 2(n−1)/n of the tensor, all-gather and reduce-scatter (n−1)/n, send/recv all of it; each with its
+own latency and busbw where the cluster says so), over intra-node links when the group fits in a node (ranks laid
+out TP, then DP, then PP, labs_lib.parallel.mesh); on shared cores, as measured with the cores oversubscribed
+(``ClusterSpec.contended``). Step = compute + bubble + what does not overlap: gradient
 all-reduces / reduce-scatters overlap the last micro-batch's backward except the last bucket; TP, PP and ZeRO
 all-gathers do not overlap. The host's Adam under offload is not timed. MFU counts model FLOPs (6N + 12·L·h·s per token,
 PaLM appendix B); HFU adds what recomputation repeats (full: one more forward of the layers; selective: the attention
@@ -56,6 +58,7 @@ from labs_lib.planner.specs import (
     Plan,
     model_flops_per_token,
     parameter_parts,
+    recompute_flops_per_token,
     stage_params,
     state_bytes,
     state_bytes_per_param,
@@ -166,20 +169,26 @@ def memory_per_gpu(model: ModelSpec, plan: Plan) -> tuple[dict[str, float], int]
     return memories[worst], stages[worst]
 
 
-# Operators a layer dispatches per micro-batch, relative to no recompute: full recompute runs the forward's (about a
-# third of forward + backward) again; selective only the attention core, one fused operator.
-RECOMPUTE_OPS = {"none": 1.0, "selective": 1.0, "full": 4 / 3}
-
-
 def _core_share(cluster: ClusterSpec) -> float:
     """How many ranks take turns on each core: 1 on GPUs; on a CPU cluster of ``shared_cores``, gpus / cores."""
     return max(1.0, cluster.gpus / cluster.shared_cores) if cluster.shared_cores else 1.0
 
 
 def _collective(cluster: ClusterSpec, span: int, ring_bytes: float, count: float, kind: str = "all_reduce") -> float:
-    # On shared cores a collective is CPU work too (gloo's copies, every hop waiting for its rank's turn on a core).
+    """Seconds of ``count`` ``kind`` collectives moving ``ring_bytes`` per rank in all, over a group within ``span``
+    consecutive ranks. On shared cores a collective is CPU work too (gloo's copies, every hop waiting for its rank's
+    turn on a core): between the link measured alone and the one measured with ``contended_share`` ranks per core,
+    linear in the ranks per core (beyond it too); a cluster without that measurement scales the link's time by it."""
     latency, busbw = cluster.link(kind, span)
-    return _core_share(cluster) * (count * latency + ring_bytes / busbw)
+    alone = count * latency + ring_bytes / busbw
+    share = _core_share(cluster)
+    if share <= 1:
+        return alone
+    if not cluster.contended or kind not in cluster.contended:
+        return share * alone
+    contended_latency, contended_busbw = cluster.contended[kind]
+    contended = count * contended_latency + ring_bytes / contended_busbw
+    return alone + (share - 1) / (cluster.contended_share - 1) * (contended - alone)
 
 
 def _gradient_traffic(model: ModelSpec, cluster: ClusterSpec, plan: Plan, backward_s: float):
@@ -229,14 +238,22 @@ def _model_parallel_traffic(model: ModelSpec, cluster: ClusterSpec, plan: Plan) 
             traffic["sp all-gather + reduce-scatter"] = (sent, seconds)
         else:
             traffic["tp all-reduce"] = (sent, _collective(cluster, t, sent, count))
+        # The vocab-parallel loss's max and sums (2 all-reduces of b·s numbers a micro-batch); per step the grad
+        # norm's and, with sequence parallelism, the replicated weights' grads (LayerNorms, row biases, positions).
+        replicated = (6 * layers + 2) * model.hidden + model.seq * model.hidden if plan.sequence_parallel else 0
+        small = m * 3 * plan.micro_batch * model.seq * 4 + 4 + replicated * 4
+        ring = 2 * (t - 1) / t * small
+        calls = 2 * m + 1 + plan.sequence_parallel
+        traffic["tp loss and norm all-reduces"] = (ring, _collective(cluster, t, ring, calls))
     if plan.pp > 1:
         v = plan.chunks if plan.schedule == "interleaved-1f1b" else 1
         shard = t if plan.sequence_parallel else 1
         sent = 2 * m * v * plan.micro_batch * model.seq / shard * model.hidden * act_bytes  # activation + its grad
         span = t * plan.dp * plan.pp
-        traffic["pp send/recv"] = (sent, _collective(cluster, span, sent, 2 * m * v))
+        traffic["pp send/recv"] = (sent, _collective(cluster, span, sent, 2 * m * v, "send_recv"))
         tied = parameter_parts(model)["tok_emb"][0] / t * state_bytes(model, plan.precision)[1]  # first + last: 2 ranks
         traffic["embedding all-reduce"] = (tied, _collective(cluster, span, tied, 1))
+        traffic["pp grad-norm all-reduce"] = (4.0, _collective(cluster, span, 4.0, 1))
     return traffic
 
 
@@ -247,15 +264,16 @@ def estimate(model: ModelSpec, cluster: ClusterSpec, plan: Plan, tokens: float |
     m, gpus = plan.gradient_accumulation, cluster.gpus
     step_tokens = plan.global_batch * model.seq
     model_flops = step_tokens * model.flops_per_token()
-    attention_forward = 4 * model.layers * model.hidden * model.seq  # per token: QKᵀ and the weighted values
-    layer_forward = 2 * model.layers * sum(parameter_parts(model)["blocks"]) + attention_forward
-    extra = {"none": 0, "selective": attention_forward, "full": layer_forward}[plan.recompute]
-    hardware_flops = model_flops + step_tokens * extra
-    compute = _core_share(cluster) * (hardware_flops / gpus / (cluster.peak_flops * cluster.compute_efficiency)
-                       + model.layers / plan.pp * m * cluster.layer_overhead_s * RECOMPUTE_OPS[plan.recompute])
+    hardware_flops = model_flops + step_tokens * recompute_flops_per_token(model, plan.recompute)
+    share = _core_share(cluster)
+    micro_batches = share * (hardware_flops / gpus / (cluster.peak_flops * cluster.compute_efficiency)
+                             + model.layers / plan.pp * m * cluster.layer_overhead(plan.recompute))
+    updated = max(stage_params(model, plan.tp, plan.pp, s) for s in (0, plan.pp - 1)) / (plan.dp if plan.zero else 1)
+    optimizer = 0.0 if plan.offload else share * updated * cluster.optimizer_s_per_param  # host Adam: not timed
+    compute = micro_batches + optimizer
     v = plan.chunks if plan.schedule == "interleaved-1f1b" else 1
-    bubble = (plan.pp - 1) / (v * m) * compute
-    backward = compute * 2 / 3  # backward runs two of the three matmuls of every weight
+    bubble = (plan.pp - 1) / (v * m) * micro_batches
+    backward = micro_batches * 2 / 3  # backward runs two of the three matmuls of every weight
     traffic, exposed = _gradient_traffic(model, cluster, plan, backward)
     model_parallel = _model_parallel_traffic(model, cluster, plan)
     traffic.update(model_parallel)

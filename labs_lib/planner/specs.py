@@ -21,6 +21,9 @@ from labs_lib.core.config import DTYPES, GPTConfig
 from labs_lib.estimates.parallel import TENSOR_PARALLEL_SPLIT
 
 KINDS = ("megatron", "labs")
+# Operators a layer dispatches per micro-batch, relative to no recompute: full recompute runs the forward's (about a
+# third of forward + backward) again; selective only the attention core, one fused operator.
+RECOMPUTE_OPS = {"none": 1.0, "selective": 1.0, "full": 4 / 3}
 GB = 1e9
 MIXED_PRECISION_BYTES, FP32_BYTES = (2, 2, 12), (4, 4, 8)  # weights, gradients, optimizer (ZeRO paper, 3.1)
 
@@ -75,8 +78,13 @@ class ClusterSpec:
     """Per GPU: memory, dense peak FLOP/s of the precision planned in, all-reduce bus bandwidth (B/s) within a node
     and across nodes. ``shared_cores``: a CPU cluster whose ranks all share that many cores; ``layer_overhead_s``:
     the fixed cost per layer and micro-batch (forward + backward) a CPU pays and a GPU hides (calibrated).
-    ``collectives``: {"reduce_scatter" | "all_gather": ((latency s, busbw) within a node, (...) across nodes)} where
-    those differ from the all-reduce (gloo: measured); absent, they run at the all-reduce's (NCCL, nccl-tests)."""
+    ``collectives``: {"reduce_scatter" | "all_gather" | "send_recv": ((latency s, busbw) within a node, (...) across
+    nodes)} where those differ from the all-reduce (gloo: measured); absent, they run at the all-reduce's (NCCL,
+    nccl-tests). ``contended``: {collective: (latency s, busbw)} measured with ``contended_share`` ranks per core
+    (a CPU cluster with more ranks than cores); ``optimizer_s_per_param``: the optimizer step's seconds per
+    parameter a rank updates (calibrated on a CPU; a GPU's is negligible next to its step);
+    ``recompute_overhead_s``: {"selective" | "full": the fixed cost per layer and micro-batch under that
+    recomputation}, where measured (else the planner scales ``layer_overhead_s`` by the operators it repeats)."""
 
     name: str
     gpus: int
@@ -89,7 +97,17 @@ class ClusterSpec:
     compute_efficiency: float = 0.5
     shared_cores: int | None = None
     layer_overhead_s: float = 0.0
+    optimizer_s_per_param: float = 0.0
     collectives: dict | None = None
+    contended: dict | None = None
+    contended_share: float = 0.0
+    recompute_overhead_s: dict | None = None
+
+    def layer_overhead(self, recompute: str) -> float:
+        """Fixed seconds per layer and micro-batch under ``recompute`` (none | selective | full)."""
+        if self.recompute_overhead_s and recompute in self.recompute_overhead_s:
+            return self.recompute_overhead_s[recompute]
+        return self.layer_overhead_s * RECOMPUTE_OPS[recompute]
 
     def with_gpus(self, n: int) -> ClusterSpec:
         return replace(self, gpus=n)
@@ -152,6 +170,15 @@ def model_flops_per_token(params: float, layers: int, hidden: int, seq: int) -> 
     """6N + 12·L·h·s (PaLM, appendix B): N the parameters in matmuls (not the position embedding), h the
     attention width (heads × head size)."""
     return 6 * params + 12 * layers * hidden * seq
+
+
+def recompute_flops_per_token(model: ModelSpec, mode: str) -> float:
+    """FLOPs per token that activation recomputation runs again: full, one more forward of the layers; selective,
+    the attention core (QKᵀ and the weighted values, 4·L·h·s); none, nothing."""
+    attention_forward = 4 * model.layers * model.hidden * model.seq
+    if mode == "full":
+        return 2 * model.layers * sum(parameter_parts(model)["blocks"]) + attention_forward
+    return attention_forward if mode == "selective" else 0.0
 
 
 def state_bytes_per_param(precision: str) -> tuple[int, int, int]:
