@@ -7,8 +7,7 @@ so the result can be checked against one process::
     tp_group = dist.new_group([...])                       # or None: the whole world
     model = apply_tensor_parallel(GPT(config), tp_group, sequence_parallel=True)
     logits_shard, loss = model(idx, targets)               # the same loss as the single-device GPT
-    loss.backward()                                        # (every micro-batch), then once per step:
-    reduce_sequence_parallel_grads(model)                  # sum the replicated weights' grads over the TP group
+    loss.backward(); reduce_sequence_parallel_grads(model) # once per step: replicated weights' grads summed
     full = gather_full_state_dict(model, tp_group)         # full weights again (checkpoints, comparisons)
 
 Per block: attention's fused qkv is column-parallel by heads (rank r holds q, k and v of heads r·h/t..), its
@@ -19,9 +18,8 @@ uses that same shard, so logits stay vocab-sharded and :func:`vocab_parallel_cro
 Sequence parallelism splits what lies *between* those regions (LayerNorms, dropouts, residual adds) along the
 sequence: g becomes a reduce-scatter and f an all-gather, so activations there take 1/t of the memory for the
 same traffic. The LayerNorm weights, row-parallel biases and position embedding are replicated but see only a
-sequence shard, so their grads are summed across tensor-parallel ranks: once per step, after the last micro-batch's
-backward, in one flat all-reduce (:func:`reduce_sequence_parallel_grads`; Megatron's finalize_model_grads does the
-same), not one all-reduce per parameter per micro-batch (tens of tiny collectives a step, each paying the latency).
+sequence shard: their grads are summed over the TP group once per step in one flat all-reduce, as Megatron's
+finalize_model_grads does (:func:`reduce_sequence_parallel_grads`), not per parameter and micro-batch.
 Every rule lives in a module (the embeddings split the sequence, ln_f + lm_head gather it), so a pipeline stage
 built from these modules (pipeline.py) runs sequence-parallel too, and sends its (b, T/t, C) shard to the next.
 
@@ -204,8 +202,7 @@ class RowParallelLinear(nn.Module):
             y = reduce_scatter_to_sequence_parallel_region(y, self.group)
         else:
             y = reduce_from_tensor_parallel_region(y, self.group)
-        # With sequence parallelism each rank adds the bias to its own tokens only: reduce_sequence_parallel_grads
-        # sums its grad over the ranks.
+        # With sequence parallelism the bias meets this rank's tokens only: reduce_sequence_parallel_grads sums it.
         return y if self.bias is None else y + self.bias
 
 
@@ -281,12 +278,10 @@ def sequence_parallel_params(model: nn.Module) -> list[tuple[nn.Parameter, objec
     sequence-parallel LayerNorms' and position table's weights, the row-parallel layers' biases."""
     found = {}
     for m in model.modules():
-        if isinstance(m, (SequenceParallelLayerNorm, SequenceParallelPositionEmbedding)) or (
-                isinstance(m, RowParallelLinear) and m.sequence_parallel):
-            for name in ("weight", "bias") if not isinstance(m, RowParallelLinear) else ("bias",):
-                p = getattr(m, name, None)
-                if p is not None:
-                    found[id(p)] = (p, m.group)
+        if isinstance(m, (SequenceParallelLayerNorm, SequenceParallelPositionEmbedding)):
+            found.update({id(p): (p, m.group) for p in m.parameters(recurse=False)})
+        elif isinstance(m, RowParallelLinear) and m.sequence_parallel and m.bias is not None:
+            found[id(m.bias)] = (m.bias, m.group)
     return list(found.values())
 
 
