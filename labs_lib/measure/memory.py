@@ -82,16 +82,16 @@ def deepspeed_held_bytes(engine, grads: bool = False) -> dict[str, int]:
     return held
 
 
-def gather_per_rank(values: dict[str, int], world_size: int, device=None) -> list[dict[str, int]]:
-    """Every rank's ``values`` (integers under the same keys), by rank, on every rank: one all-gather on ``device``
-    (none on one process). A collective: call it on every rank."""
+def gather_per_rank(values: dict[str, int | float], world_size: int, device=None) -> list[dict[str, int | float]]:
+    """Every rank's ``values`` (numbers under the same keys; integers stay integers, exact below 2**53), by rank, on
+    every rank: one all-gather on ``device`` (none on one process). A collective: call it on every rank."""
     if world_size == 1:
         return [values]
     keys = sorted(values)
-    mine = torch.tensor([values[k] for k in keys], dtype=torch.int64, device=device)
+    mine = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
     everyone = [torch.zeros_like(mine) for _ in range(world_size)]
     dist.all_gather(everyone, mine)
-    return [dict(zip(keys, t.tolist())) for t in everyone]
+    return [{k: int(v) if isinstance(values[k], int) else v for k, v in zip(keys, t.tolist())} for t in everyone]
 
 
 def per_rank_fields(values: list[dict[str, int]]) -> dict[str, dict[str, int] | int]:

@@ -3,7 +3,8 @@
     mesh = build_mesh(parallel, rank, world_size)
     torch.manual_seed(seed)                         # the same full weights on every rank...
     model = Parallel3D(GPT(cfg), mesh, parallel)    # ...each keeps its TP shard of its pipeline stage(s)
-    loss = model.forward_backward(x, y, grad_accum)   # every rank of a DP replica passes the same batch
+    loss = model.forward_backward(x, y, grad_accum)   # every rank of a DP replica passes the same batch (the loss:
+                                                      # on the last stage, model.holds_loss)
     (average the gradients over mesh.dp_group)      # data parallelism, last
     model.clip_grad_norm_(1.0); optimizer.step()     # the optimizer holds this rank's parameters only
 
@@ -51,7 +52,7 @@ class Parallel3D(nn.Module):
                                                       parallel.pp_chunks) for chunk in range(parallel.pp_chunks))
             # measure=False: no step barriers, no activation metering (on: the trainer's --measure-activations).
             self.schedule = make_schedule(parallel.pp_schedule, list(self.stages), parallel.micro_batches,
-                                          loss_fn=self._scaled_loss, measure=measure)
+                                          loss_fn=self._scaled_loss, measure=measure, broadcast_loss=False)
         else:
             self.stages = nn.ModuleList([model])
         self._grad_accum = 1
@@ -66,13 +67,20 @@ class Parallel3D(nn.Module):
 
     def forward_backward(self, idx: torch.Tensor, targets: torch.Tensor, grad_accum: int = 1) -> torch.Tensor:
         """Forward and backward of one batch (in micro-batches through the pipeline), the loss divided by
-        ``grad_accum``; gradients accumulate. Returns that loss, the same on every rank of the replica."""
+        ``grad_accum``; gradients accumulate. Returns that loss on the ranks that compute it (:attr:`holds_loss`:
+        all of them without a pipeline, the last stage's through one), 0 on the others: the trainer's record gathers
+        it (labs_lib.train.steps.step_fields), so the schedule does not broadcast it every step."""
         if self.schedule is None:
             loss = self.stages[0](idx, targets)[1] / grad_accum
             loss.backward()
             return loss.detach()
         self._grad_accum = grad_accum
         return torch.tensor(self.schedule.step(idx, targets), device=idx.device)
+
+    @property
+    def holds_loss(self) -> bool:
+        """Whether :meth:`forward_backward` returns the loss on this rank (the last pipeline stage's ranks)."""
+        return self.schedule is None or self.stages[-1].is_last
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor):
         """(logits or None, the batch's loss) on every rank of the replica. Through a pipeline this is a forward

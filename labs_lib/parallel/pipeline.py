@@ -230,14 +230,14 @@ class PipelineSchedule(ABC):
     name = ""
 
     def __init__(self, stages: GPTStage | list[GPTStage], micro_batches: int, loss_fn=gpt_loss,
-                 compute_delay_s: float = 0.0, measure: bool = True):
+                 compute_delay_s: float = 0.0, measure: bool = True, broadcast_loss: bool = True):
         self.stages = [stages] if isinstance(stages, GPTStage) else list(stages)
         if [s.chunk for s in self.stages] != list(range(len(self.stages))):
             raise ValueError("pass one stage per model chunk of this rank, in chunk order (chunk=0, 1, …)")
         self.first = self.stages[0]  # every chunk shares the rank's place in the pipeline
         self.micro_batches, self.loss_fn, self.compute_delay_s = micro_batches, loss_fn, compute_delay_s
         self._check(batch_size=micro_batches)  # everything but the batch size, which step() checks
-        self.measure = measure
+        self.measure, self.broadcast_loss = measure, broadcast_loss
         self.meter = ActivationMeter(nn.ModuleList(self.stages)) if measure else None
         self.timeline: list[Event] = []
         self.step_start = self.step_end = 0.0
@@ -254,7 +254,8 @@ class PipelineSchedule(ABC):
     def step(self, idx: torch.Tensor, targets: torch.Tensor) -> float:
         """Forward and backward of the batch ``idx`` → ``targets`` (B, T), in micro-batches; gradients accumulate in
         the stage's parameters (zero them between steps). Every stage passes the same batch: the first reads the
-        tokens, the last the targets, the others their shape. Returns the batch's mean loss on every rank."""
+        tokens, the last the targets, the others their shape. Returns the batch's mean loss on every rank (built with
+        ``broadcast_loss=False``: on the last stage, 0 on the others, one collective fewer per step)."""
         self._check(batch_size=idx.size(0))
         m = self.micro_batches
         self._tokens, self._targets = idx.chunk(m), targets.chunk(m)
@@ -286,7 +287,8 @@ class PipelineSchedule(ABC):
                 stage.sync_tied_grads()
             self._record("send", None, start)
             start = time.perf_counter()
-            dist.broadcast(self._loss, src=self.first.ranks[-1], group=group)
+            if self.broadcast_loss:
+                dist.broadcast(self._loss, src=self.first.ranks[-1], group=group)
             if self.measure:
                 dist.barrier(group=group)
             self._record("idle", None, start)

@@ -80,6 +80,8 @@ class DataParallelStep:
     """One process, or torch DDP over every rank (``overlap``: all-reduce buckets during backward; without it,
     every micro-batch runs under no_sync and one flat all-reduce follows backward)."""
 
+    holds_loss = True  # every rank computes the loss of its batch
+
     def __init__(self, model, cfg: TrainConfig, info: DistInfo, measure_activations: bool = False):
         self.model, self.info = model, info
         self.activations = ActivationPeak(model, measure_activations)
@@ -195,6 +197,10 @@ class MeshStep:
     """DP x TP x PP (labs_lib.parallel.parallel3d): the pipeline schedule runs forward and backward of each batch,
     then one all-reduce over the data-parallel group. Optimizer state is saved per (pp, tp) shard."""
 
+    @property
+    def holds_loss(self) -> bool:
+        return self.model.holds_loss  # through a pipeline, only the last stage's ranks
+
     def __init__(self, model: Parallel3D, cfg: TrainConfig, info: DistInfo, mesh: Mesh,
                  measure_activations: bool = False):
         self.model, self.info, self.mesh = model, info, mesh
@@ -261,7 +267,8 @@ def make_strategy(model, cfg: TrainConfig, parallel, info: DistInfo, mesh: Mesh 
 
 def train_step(strategy, batches, cfg: TrainConfig, device: torch.device, scaler) -> tuple:
     """One optimizer step: ``grad_accum`` micro-batches forward and backward, the gradients finished, clipped and
-    applied; returns this rank's (summed loss, gradient norm, held bytes, MoE routing) for :func:`step_fields`."""
+    applied; returns this rank's (summed loss or None where the rank does not compute it, gradient norm, held
+    bytes, MoE routing) for :func:`step_fields`."""
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per micro-batch
     for micro in range(cfg.grad_accum):
         x, y = (t.to(device, non_blocking=True) for t in next(batches))
@@ -275,7 +282,7 @@ def train_step(strategy, batches, cfg: TrainConfig, device: torch.device, scaler
     held = strategy.held_bytes()
     strategy.optimizer.zero_grad(set_to_none=True)
     routing = [m.take_routing() for m in strategy.model.modules() if isinstance(m, MoEMLP)]
-    return loss_sum, grad_norm, held, routing
+    return (loss_sum if strategy.holds_loss else None), grad_norm, held, routing
 
 
 def step_fields(result: tuple, info: DistInfo, device: torch.device) -> dict:
@@ -283,9 +290,13 @@ def step_fields(result: tuple, info: DistInfo, device: torch.device) -> dict:
     ``mem_rank<r>`` (rank r's held bytes after the step: params, grads, optimizer) and, when activations are
     measured, ``act_rank<r>`` (rank r's peak activation bytes in the step). Collectives: every rank calls it."""
     loss_sum, grad_norm, held, routing = result
-    # Every rank of a replica holds its loss (the last stage broadcasts it), so the world mean is the DP mean.
-    fields = {"loss": all_reduce_mean(loss_sum.item()), "grad_norm": grad_norm.item()}
-    return fields | per_rank_fields(gather_per_rank(held, info.world_size, device)) | moe_fields(routing, info)
+    # One all-gather for the record: every rank's held bytes and loss. The ranks that compute a replica's loss (all
+    # of them, or its last pipeline stage's) hold the same value, so their mean is the mean over the replicas.
+    mine = {**held, "loss": 0.0 if loss_sum is None else loss_sum.item(), "holds_loss": int(loss_sum is not None)}
+    ranks = gather_per_rank(mine, info.world_size, device)
+    losses = [loss for loss, holds in [(r.pop("loss"), r.pop("holds_loss")) for r in ranks] if holds]
+    fields = {"loss": sum(losses) / len(losses), "grad_norm": grad_norm.item()}
+    return fields | per_rank_fields(ranks) | moe_fields(routing, info)
 
 
 def moe_fields(routing: list, info: DistInfo) -> dict:
