@@ -178,6 +178,20 @@ def print_all(*args, **kwargs) -> None:
     builtins.print(f"[rank {_info.rank}/{_info.world_size}]", *args, **kwargs, flush=True)
 
 
+@torch.no_grad()
+def all_reduce_flat_(tensors: list[torch.Tensor], group=None, divide_by: int = 1) -> None:
+    """Sum ``tensors`` over ``group`` in place in one flat all-reduce (one latency, not one per tensor), then divide
+    them by ``divide_by`` (the ranks, for a mean)."""
+    if not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    if divide_by != 1:
+        flat /= divide_by
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(chunk.view_as(t))
+
+
 def all_reduce_mean(value: float | torch.Tensor) -> float:
     """Mean of a scalar over all ranks (a plain float back); the value itself on one process."""
     t = torch.as_tensor(value, dtype=torch.float64, device=_info.device).detach().clone()

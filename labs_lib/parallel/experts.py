@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from labs_lib.core.dist import all_reduce_flat_
 from labs_lib.models.moe import ExpertBank, MoEMLP, check_moe
 
 
@@ -129,14 +130,11 @@ def finish_expert_gradients(model: nn.Module, groups: ExpertGroups) -> None:
     """An expert's gradient is the sum over its ep group's tokens: add the replicas' sums, divide by the world (the
     data-parallel mean every other parameter gets from DDP)."""
     grads = [p.grad for p in expert_parameters(model) if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
     if groups.world > groups.ep:
-        dist.all_reduce(flat, group=groups.replica_group)
-    flat /= groups.world
-    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(chunk.view_as(g))
+        all_reduce_flat_(grads, groups.replica_group, divide_by=groups.world)
+    else:
+        for g in grads:
+            g.div_(groups.world)
 
 
 def clip_grad_norm_(model: nn.Module, max_norm: float, groups: ExpertGroups) -> torch.Tensor:

@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from labs_lib.core.config import GPTConfig, padded_vocab
+from labs_lib.core.dist import all_reduce_flat_
 from labs_lib.models.gpt import GPT, CausalSelfAttention
 from labs_lib.parallel.comms import (
     copy_to_tensor_parallel_region,
@@ -290,13 +291,8 @@ def reduce_sequence_parallel_grads(model: nn.Module) -> None:
     """Sum the grads of :func:`sequence_parallel_params` over their TP group, in one flat all-reduce: call it once
     per step, after the last micro-batch's backward and before clipping (a no-op without sequence parallelism)."""
     params = [(p, group) for p, group in sequence_parallel_params(model) if p.grad is not None]
-    if not params or group_size(params[0][1]) == 1:
-        return
-    grads = [p.grad for p, _ in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=params[0][1])
-    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(chunk.view_as(g))
+    if params and group_size(params[0][1]) > 1:
+        all_reduce_flat_([p.grad for p, _ in params], params[0][1])
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

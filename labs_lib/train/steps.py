@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from labs_lib.core import checkpoint
 from labs_lib.core.config import TrainConfig
-from labs_lib.core.dist import DistInfo, all_reduce_mean
+from labs_lib.core.dist import DistInfo, all_reduce_flat_, all_reduce_mean
 from labs_lib.measure.memory import ActivationPeak, gather_per_rank, held_bytes, per_rank_fields
 from labs_lib.models.moe import MoEMLP
 from labs_lib.parallel import experts
@@ -56,12 +56,7 @@ def autocast(dtype: str, device: torch.device):
 def all_reduce_gradients(model: torch.nn.Module, world_size: int, group=None) -> None:
     """Average all gradients over ``group`` (of ``world_size`` ranks) in one flat all-reduce after backward (the
     no-overlap baseline of lab 02; the data parallelism of a tensor/pipeline-parallel run)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= world_size
-    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(chunk.view_as(g))
+    all_reduce_flat_([p.grad for p in model.parameters() if p.grad is not None], group, divide_by=world_size)
 
 
 @torch.no_grad()
