@@ -22,8 +22,8 @@ planner's CPU preset fits each on its own.
 Two options measure a collective as a training job pays for it, not as a tight loop does:
 
 - ``--compute-between-s S``: every rank computes for about S seconds (one-thread matmuls) before each timed
-  collective, as a step computes between two; the same compute timed alone is subtracted. On a CPU, where the ranks'
-  gloo threads sleep while the main thread computes, this adds the wake-up cost a tight loop never pays.
+  collective, as a step computes between two, and only the collective is timed. On a CPU, where the ranks' gloo
+  threads sleep while the main thread computes, this adds the wake-up cost a tight loop never pays.
 - ``--group-size G``: the ranks measure in groups of G consecutive ranks, all groups at once (ranks 0-1, 2-3, ...):
   with more ranks than cores, each collective waits for its peers to get a core, as a tensor-parallel pair of a
   4-rank job on 2 cores does.
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collectives", nargs="+", choices=COLLECTIVES, default=["all_reduce"],
                    help="what to time at every size (all_reduce is always measured: its rows are the link's)")
     p.add_argument("--compute-between-s", type=float, default=0.0,
-                   help="seconds of compute before each timed collective, subtracted again (0: a tight loop)")
+                   help="seconds of compute before each timed collective, not timed itself (0: a tight loop)")
     p.add_argument("--group-size", type=int, default=0,
                    help="measure in groups of this many consecutive ranks, all at once (0: one group of all)")
     p.add_argument("--no-progress", action="store_true", help="accepted like every job module's (no bar here)")
@@ -144,39 +144,40 @@ def compute_for(seconds: float, device: torch.device):
 
 
 def _mean_seconds(call, compute, iters: int, device: torch.device) -> float:
-    """This rank's mean seconds of ``compute(); call()`` (either may be None) after a barrier."""
+    """This rank's mean seconds of ``call`` over ``iters``, after a barrier: the whole loop timed (nccl-tests' way),
+    or with ``compute``, each call after it and only the call timed (a subtraction of compute timed apart would let
+    the compute's own jitter make a small message's time near zero or negative)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda _: None)
     dist.barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        if compute is not None:
-            compute()
-        if call is not None:
+    if compute is None:
+        start = time.perf_counter()
+        for _ in range(iters):
             call()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / iters
+        sync(device)
+        return (time.perf_counter() - start) / iters
+    total = 0.0
+    for _ in range(iters):
+        compute()
+        sync(device)
+        start = time.perf_counter()
+        call()
+        sync(device)
+        total += time.perf_counter() - start
+    return total / iters
 
 
 def time_collective(collective: str, nbytes: int, iters: int, warmup: int, device: torch.device, group=None,
                     compute=None) -> float:
     """Seconds per ``collective`` of ``nbytes`` (float32) over ``group``, the slowest rank's mean over ``iters``: the
     mean, as nccl-tests reports it, because a training job pays for the slow iterations too. With ``compute``
-    (:func:`compute_for`), it runs before every collective and its own time, measured alone, is subtracted."""
+    (:func:`compute_for`), every collective follows it, as in a training step (waking the ranks' threads and waiting
+    for the slowest peer's compute count; the compute itself does not)."""
     run = _operation(collective, nbytes, group, device)
     for _ in range(warmup):
         run()
-    alone = _mean_seconds(None, compute, iters, device) if compute is not None else 0.0
-    seconds = torch.tensor([_mean_seconds(run, compute, iters, device) - alone], dtype=torch.float64, device=device)
+    seconds = torch.tensor([_mean_seconds(run, compute, iters, device)], dtype=torch.float64, device=device)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    return max(seconds.item(), 1e-9)
-
-
-def _my_group(world_size: int, rank: int, size: int):
-    """This rank's group of ``size`` consecutive ranks (every rank creates every group, as new_group requires)."""
-    if size == world_size:
-        return None
-    groups = [dist.new_group(list(range(start, start + size))) for start in range(0, world_size, size)]
-    return groups[rank // size]
+    return seconds.item()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", os.environ.get("SLURM_NNODES", 1)))
     size = a.group_size or info.world_size
-    group, compute = _my_group(info.world_size, info.rank, size), compute_for(a.compute_between_s, info.device)
+    # this rank's group of ``size`` consecutive ranks (ranks 0-1, 2-3, ...), or the whole world
+    group = dist.new_subgroups(size)[0] if size < info.world_size else None
+    compute = compute_for(a.compute_between_s, info.device)
     measured, step = {}, 0
     for collective in _collectives(a):
         rows = measured[collective] = []
